@@ -1,0 +1,1 @@
+"""Templates and static files shared by the worker and foreman dashboards."""

@@ -1,0 +1,53 @@
+"""``python -m foreman [--host H] [--port P] [--token T] [--local-workers N]``: run a foreman until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m foreman",
+        description="Run a CrowdCompute foreman: workers dial in to ws://HOST:PORT.",
+        epilog="Environment variables: CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_LOG_LEVEL.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; any other needs --token)")
+    parser.add_argument("--port", type=int, default=9000, help="port to listen on (0 picks a free one)")
+    parser.add_argument("--token", default=os.environ.get("CROWDCOMPUTE_TOKEN"),
+                        help="shared secret workers must present (env CROWDCOMPUTE_TOKEN)")
+    parser.add_argument("--local-workers", type=int, default=0, help="worker processes to start on this machine")
+    parser.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between worker heartbeats")
+    parser.add_argument("--heartbeat-timeout", type=float, default=30.0,
+                        help="seconds of silence after which a worker is declared lost")
+    parser.add_argument("--log-level", default=os.environ.get("CROWDCOMPUTE_LOG_LEVEL", "INFO"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        print("foreman: listening on a non-loopback address needs --token (workers run the code this foreman "
+              "sends, so it must not accept strangers)", file=sys.stderr)
+        return 2
+    from foreman.client import Foreman
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with Foreman(host=args.host, port=args.port, token=args.token, local_workers=args.local_workers,
+                 heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout) as fm:
+        print(f"foreman ready at {fm.address}", flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

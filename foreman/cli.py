@@ -1,0 +1,31 @@
+"""The ``crowdcompute`` command: ``crowdcompute foreman ...`` and ``crowdcompute worker ...``."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: crowdcompute {foreman,worker} [options]
+
+  crowdcompute foreman --port 9000 --token T     run a foreman (see: crowdcompute foreman --help)
+  crowdcompute worker ws://HOST:9000 --token T   run a worker  (see: crowdcompute worker --help)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "foreman":
+        from foreman.__main__ import main as run
+    elif command == "worker":
+        from worker.__main__ import main as run
+    else:
+        print(f"crowdcompute: unknown command {command!r}\n{USAGE}", end="", file=sys.stderr)
+        return 2
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

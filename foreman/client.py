@@ -1,0 +1,172 @@
+"""``Foreman``: the API a script uses. Runs the foreman server on its own event-loop thread in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
+
+from foreman import protocol
+from foreman.errors import ForemanClosedError
+from foreman.executor import ForemanExecutor
+from foreman.jobs import Job, SubmittedTask, _pickle_fitting
+from foreman.local import LocalWorkers
+from foreman.serialization import dumps_function
+from foreman.server import ForemanServer
+
+log = logging.getLogger("crowdcompute.foreman")
+
+
+class Foreman:
+    """An embedded foreman: a WebSocket server for workers plus the job API, in this process.
+
+    ::
+
+        with Foreman(port=0, local_workers=2) as fm:
+            fm.map(square, range(10_000))
+
+    :param host: address to listen on. Keep the default (loopback) unless a token is set.
+    :param port: port to listen on; 0 picks a free one (see :attr:`address`).
+    :param token: shared secret workers must present.
+    :param local_workers: worker processes to start on this machine, through the same path as remote ones.
+    :param heartbeat_interval: seconds between worker heartbeats.
+    :param heartbeat_timeout: a worker silent this long is declared lost and its tasks are reassigned.
+    :param max_message_size: largest message in either direction; bounds memory per connection.
+    :param max_task_losses: a task in flight on this many workers that died in a row fails as poison.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
+                 local_workers: int = 0, heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
+                 max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3) -> None:
+        if local_workers < 0:
+            raise ValueError("local_workers must be >= 0")
+        self._server = ForemanServer(host, port, token, heartbeat_interval, heartbeat_timeout, max_message_size,
+                                     max_task_losses)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)
+        self._thread.start()
+        self._closed = False
+        try:
+            self._call(self._server.start())
+        except BaseException:
+            self._stop_loop()
+            raise
+        self._local = LocalWorkers(self.address, token, heartbeat_interval)
+        self._local.start(local_workers)
+
+    @property
+    def address(self) -> str:
+        """The ``ws://host:port`` address workers dial."""
+        host = self._server.host
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{self._server.port}"
+
+    @property
+    def workers(self) -> list[str]:
+        """Ids of the connected workers."""
+        return self._call(lambda: list(self._server.peers))
+
+    def wait_for_workers(self, n: int = 1, timeout: float = 60.0) -> None:
+        """Block until at least ``n`` workers are connected; TimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while len(self.workers) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.workers)} of {n} workers connected after {timeout}s")
+            time.sleep(0.02)
+
+    # -- the job API -----------------------------------------------------------------------------------------
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
+            timeout: float | None = None) -> list[Any]:
+        """``[fn(*args) for args in zip(*iterables)]``, computed by the fleet, in input order.
+
+        Raises the first failing task's exception (with its remote traceback) once that result is reached.
+        """
+        job = self.imap(fn, *iterables, chunksize=chunksize, timeout=timeout)
+        try:
+            return list(job)
+        finally:
+            job.close()
+
+    def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
+             timeout: float | None = None) -> Job:
+        """A lazy iterator of results in input order; the input is consumed only as fast as results are."""
+        self._check_open()
+        return Job(self, fn, iterables, chunksize, ordered=True, timeout=timeout)
+
+    def imap_unordered(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
+                       timeout: float | None = None) -> Job:
+        """Like :meth:`imap`, yielding results as they complete."""
+        self._check_open()
+        return Job(self, fn, iterables, chunksize, ordered=False, timeout=timeout)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Run ``fn(*args, **kwargs)`` on a worker; returns a standard Future.
+
+        An unpicklable function or argument raises SerializationError here, in the caller.
+        """
+        self._check_open()
+        digest, function = dumps_function(fn)
+        limit = self._server.max_message_size - protocol.MAX_HEADER_SIZE
+        ((_, _, payload),) = _pickle_fitting([(args, kwargs)], 0, limit)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        SubmittedTask(self, future, digest, function, payload)
+        return future
+
+    def executor(self) -> ForemanExecutor:
+        """A ``concurrent.futures.Executor`` over this foreman's fleet (its shutdown leaves the foreman up)."""
+        return ForemanExecutor(foreman=self)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop local workers and the server; unfinished jobs fail with ForemanClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self._server.abort_jobs)
+            self._local.stop()
+            self._call(self._server.close())
+        finally:
+            self._local.stop()
+            self._stop_loop()
+
+    def __enter__(self) -> Foreman:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Foreman {self.address}{' closed' if self._closed else ''}>"
+
+    # -- crossing into the event loop ------------------------------------------------------------------------
+
+    def _call(self, what: Coroutine[Any, Any, Any] | Callable[..., Any], *args: Any) -> Any:
+        """Run a coroutine, or a plain function with ``args``, on the loop and wait for its result."""
+        if not asyncio.iscoroutine(what):
+            fn = what
+
+            async def wrapper() -> Any:
+                return fn(*args)
+
+            what = wrapper()
+        return asyncio.run_coroutine_threadsafe(what, self._loop).result()
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Schedule ``fn(*args)`` on the loop without waiting. RuntimeError once the foreman is closed."""
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ForemanClosedError("this foreman is closed")
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()

@@ -1,0 +1,52 @@
+"""The exceptions CrowdCompute raises. Each message says what happened and what to do about it."""
+
+from __future__ import annotations
+
+
+class CrowdComputeError(Exception):
+    """Base class of every CrowdCompute error."""
+
+
+class ProtocolError(CrowdComputeError):
+    """A message broke the wire protocol (malformed, oversized, out of order). The connection is closed."""
+
+
+class AuthenticationError(CrowdComputeError):
+    """The foreman refused this peer's token. Check the --token given to the worker or client."""
+
+
+class VersionMismatchError(CrowdComputeError):
+    """The two sides speak different protocol versions. Upgrade the older side."""
+
+
+class SerializationError(CrowdComputeError):
+    """A function, argument or result could not be pickled or unpickled."""
+
+
+class RemoteError(CrowdComputeError):
+    """A task raised an exception whose type cannot be rebuilt here; it carries the remote details."""
+
+    def __init__(self, type_name: str, message: str, traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = traceback
+
+
+class RemoteTraceback(Exception):
+    """Set as ``__cause__`` of a re-raised task exception, so the remote traceback prints with it."""
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f'\n"""\nRemote traceback:\n{self.traceback}"""'
+
+
+class TaskLostError(CrowdComputeError):
+    """A task was in flight on too many workers that died (a poison task). It is not retried again."""
+
+
+class ForemanClosedError(CrowdComputeError):
+    """The foreman was shut down (or the connection to it lost) before the work finished."""

@@ -1,0 +1,327 @@
+"""Client-side jobs: feeding input to the foreman in batches and handing results back in order.
+
+A :class:`Job` spans three threads. A feeder thread pulls the user's iterable, cuts it into batches whose size is
+learnt from observed task times (:class:`Batcher`), pickles them and passes them to the event loop, pausing when
+enough batches are outstanding (bounded memory for unbounded input). The event loop delivers result batches back
+through a queue. The user's thread iterates the job, decoding and re-ordering results as it goes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import operator
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from foreman import protocol
+from foreman.errors import SerializationError
+from foreman.serialization import dumps_function, dumps_items, loads_results, rebuild_exception
+
+if TYPE_CHECKING:
+    from foreman.client import Foreman
+
+_FINISHED = object()
+_ABORTED = object()
+
+
+class Batcher:
+    """Adaptive batch sizes: small while task times are unknown, then about ``target_seconds`` of work each.
+
+    :param chunksize: a fixed size instead (tasks per batch).
+    :param target_seconds: work per batch once task times are known. Larger amortises per-batch overhead
+        better; smaller balances the end of a job better and loses less when a worker dies.
+    :param max_items: cap on tasks per batch.
+    :param target_bytes: cap on pickled arguments per batch, so large arguments stream rather than pile up.
+    """
+
+    def __init__(self, chunksize: int | None = None, target_seconds: float = 0.02, max_items: int = 10_000,
+                 target_bytes: int = 4 * 1024 * 1024) -> None:
+        if chunksize is not None and chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        self.chunksize = chunksize
+        self.target_seconds = target_seconds
+        self.max_items = max_items
+        self.target_bytes = target_bytes
+        self.seconds_per_task: float | None = None
+        self.bytes_per_task: float | None = None
+
+    def observe_time(self, count: int, elapsed: float) -> None:
+        """A batch of ``count`` tasks ran in ``elapsed`` seconds (called from the event loop)."""
+        sample = max(elapsed, 1e-7) / count
+        old = self.seconds_per_task
+        self.seconds_per_task = sample if old is None else 0.7 * old + 0.3 * sample
+
+    def observe_bytes(self, count: int, nbytes: int) -> None:
+        self.bytes_per_task = nbytes / count
+
+    def next_size(self, remaining: int | None, slots: int) -> int:
+        if self.chunksize is not None:
+            return self.chunksize
+        per_task = self.seconds_per_task
+        if per_task is None:
+            return 1
+        size = min(self.max_items, max(1, int(self.target_seconds / per_task)))
+        if self.bytes_per_task:
+            size = min(size, max(1, int(self.target_bytes / self.bytes_per_task)))
+        if remaining is not None:  # leave enough batches to share the end of the job between workers
+            size = min(size, max(1, -(-remaining // (2 * max(slots, 1)))))
+        return size
+
+
+class Job:
+    """A running ``map``: iterate it for results; ``cancel()`` stops it. Returned by ``Foreman.imap``."""
+
+    def __init__(self, foreman: Foreman, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
+                 chunksize: int | None = None, ordered: bool = True, timeout: float | None = None) -> None:
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        digest, function = dumps_function(fn)
+        self.name = getattr(fn, "__qualname__", repr(fn))
+        self._foreman = foreman
+        self._ordered = ordered
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._batcher = Batcher(chunksize)
+        if len(iterables) == 1:
+            call, source = protocol.CALL_ONE, iter(iterables[0])
+            self.total: int | None = _known_length(iterables[0])
+        else:
+            call, source = protocol.CALL_STAR, zip(*iterables)
+            lengths = [_known_length(it) for it in iterables]
+            self.total = None if None in lengths else min(lengths)  # type: ignore[type-var]
+        self._source = source
+        self._outcomes: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._room = threading.Condition()
+        self._outstanding = 0  # batches fed and not yet consumed
+        self._cancelled = False
+        self._finished = False
+        self._abort_error: BaseException | None = None
+        self.tasks_done = 0
+        self.id: int = foreman._call(foreman._server.add_job, digest, function, call, self)
+        self._feeder = threading.Thread(target=self._feed, name=f"crowdcompute-feeder-{self.id}", daemon=True)
+        self._feeder.start()
+        self._iterator = self._iterate()
+
+    # -- the user's side -------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop iterating; unfinished work is cancelled."""
+        self._iterator.close()
+
+    def cancel(self) -> None:
+        """Queued tasks never run, running ones are killed; iterating further raises CancelledError."""
+        if self._finished or self._cancelled:
+            return
+        self._cancelled = True
+        with self._room:
+            self._room.notify_all()
+        self._foreman._post(self._foreman._server.cancel_job, self.id)
+
+    @property
+    def progress(self) -> tuple[int, int | None]:
+        """(tasks done, total tasks or None when the input's length is unknown)."""
+        return self.tasks_done, self.total
+
+    def _iterate(self) -> Iterator[Any]:
+        buffered: dict[int, tuple[int, Any, BaseException | None]] = {}
+        next_index = 0
+        finished = False
+        try:
+            while True:
+                if self._ordered:
+                    entry = buffered.pop(next_index, None)
+                elif buffered:
+                    entry = buffered.pop(next(iter(buffered)))
+                else:
+                    entry = None
+                if entry is None:
+                    if finished:
+                        if self._cancelled:
+                            raise concurrent.futures.CancelledError(f"job {self.id} was cancelled")
+                        return
+                    outcome = self._next_outcome()
+                    if outcome is _FINISHED:
+                        finished = True
+                    elif outcome is _ABORTED:
+                        assert self._abort_error is not None
+                        raise self._abort_error
+                    else:
+                        start, count, payload, error = outcome
+                        buffered[start] = (count, payload, error)
+                    continue
+                count, payload, error = entry
+                self._consumed()
+                if error is not None:
+                    raise error
+                results, errors = loads_results(payload)
+                if errors:
+                    for index, value in enumerate(results):
+                        if index in errors:
+                            raise rebuild_exception(errors[index])
+                        yield value
+                else:
+                    yield from results
+                next_index += count
+        finally:
+            if not self._finished:
+                self.cancel()
+
+    def _next_outcome(self) -> Any:
+        if self._deadline is None:
+            return self._outcomes.get()
+        try:
+            return self._outcomes.get(timeout=max(0.0, self._deadline - time.monotonic()))
+        except queue.Empty:
+            raise concurrent.futures.TimeoutError(f"job {self.id} timed out") from None
+
+    def _consumed(self) -> None:
+        with self._room:
+            self._outstanding -= 1
+            self._room.notify()
+
+    # -- the feeder thread -----------------------------------------------------------------------------------
+
+    def _window(self) -> int:
+        """Batches allowed out at once: enough to keep every worker's prefetch full, and no more."""
+        return max(8, 2 * self._foreman._server.scheduler.capacity + 2)
+
+    def _feed(self) -> None:
+        index = 0
+        limit = self._foreman._server.max_message_size - protocol.MAX_HEADER_SIZE
+        try:
+            while not self._cancelled:
+                with self._room:
+                    while self._outstanding >= self._window() and not self._cancelled:
+                        self._room.wait(0.25)
+                remaining = None if self.total is None else self.total - index
+                size = self._batcher.next_size(remaining, self._foreman._server.scheduler.slots)
+                items = list(itertools.islice(self._source, size))
+                if not items or self._cancelled:
+                    break
+                for start, count, payload in _pickle_fitting(items, index, limit):
+                    self._batcher.observe_bytes(count, len(payload))
+                    with self._room:
+                        self._outstanding += 1
+                    self._foreman._post(self._foreman._server.add_batch, self.id, start, count, payload)
+                index += len(items)
+        except BaseException as exc:  # the iterable raised, or an argument would not pickle
+            with self._room:
+                self._outstanding += 1
+            self._outcomes.put((index, 0, None, exc))
+        finally:
+            try:
+                self._foreman._post(self._foreman._server.close_input, self.id)
+            except RuntimeError:
+                pass  # the foreman is closed
+
+    # -- the event loop's side (JobSink) ---------------------------------------------------------------------
+
+    def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float) -> None:
+        self._batcher.observe_time(count, elapsed)
+        self.tasks_done += count
+        self._outcomes.put((start, count, payload, None))
+
+    def fail(self, start: int, count: int, error: BaseException) -> None:
+        self.tasks_done += count
+        self._outcomes.put((start, count, None, error))
+
+    def aborted(self, error: BaseException) -> None:
+        self._abort_error = error
+        self._outcomes.put(_ABORTED)
+
+    def started(self) -> None:
+        pass
+
+    def finished(self) -> None:
+        self._finished = True
+        self._outcomes.put(_FINISHED)
+
+
+class SubmittedTask:
+    """One ``submit()`` call: a job of a single task, resolved into a concurrent.futures.Future."""
+
+    def __init__(self, foreman: Foreman, future: concurrent.futures.Future[Any], digest: str, function: bytes,
+                 payload: bytes) -> None:
+        self._foreman = foreman
+        self.future = future
+        self.id = 0
+        server = foreman._server
+
+        def register() -> None:
+            self.id = server.add_job(digest, function, protocol.CALL_FULL, self)
+            server.add_batch(self.id, 0, 1, payload)
+            server.close_input(self.id)
+
+        foreman._post(register)
+        future.add_done_callback(self._on_future_done)
+
+    def _on_future_done(self, future: concurrent.futures.Future[Any]) -> None:
+        if future.cancelled():
+            try:
+                self._foreman._post(lambda: self._foreman._server.cancel_job(self.id))
+            except RuntimeError:
+                pass
+
+    def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float) -> None:
+        try:
+            results, errors = loads_results(payload)
+        except SerializationError as exc:
+            self._settle(exc, failed=True)
+            return
+        if errors:
+            self._settle(rebuild_exception(errors[0]), failed=True)
+        else:
+            self._settle(results[0], failed=False)
+
+    def fail(self, start: int, count: int, error: BaseException) -> None:
+        self._settle(error, failed=True)
+
+    def aborted(self, error: BaseException) -> None:
+        self._settle(error, failed=True)
+
+    def started(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            self._foreman._server.cancel_job(self.id)
+
+    def finished(self) -> None:
+        pass
+
+    def _settle(self, value: Any, failed: bool) -> None:
+        if self.future.done():
+            return
+        if failed:
+            self.future.set_exception(value)
+        else:
+            self.future.set_result(value)
+
+
+def _known_length(iterable: Iterable[Any]) -> int | None:
+    """The input's length if it says so cheaply (a list, a range), else None. Never consumes it."""
+    try:
+        return len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        hint = operator.length_hint(iterable, -1)
+        return hint if hint >= 0 else None
+
+
+def _pickle_fitting(items: list[Any], start: int, limit: int) -> Iterator[tuple[int, int, bytes]]:
+    """Pickle items as one batch, halving it until each piece fits in a message."""
+    payload = dumps_items(items, start)
+    if len(payload) <= limit:
+        yield start, len(items), payload
+        return
+    if len(items) == 1:
+        raise SerializationError(f"the argument of task {start} pickles to {len(payload)} bytes, over the "
+                                 f"{limit}-byte limit for one task (raise max_message_size to send it)")
+    half = len(items) // 2
+    yield from _pickle_fitting(items[:half], start, limit)
+    yield from _pickle_fitting(items[half:], start + half, limit)

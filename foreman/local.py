@@ -1,0 +1,50 @@
+"""Worker processes a foreman starts on its own machine: ``python -m worker``, exactly as a volunteer would."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+log = logging.getLogger("crowdcompute.foreman")
+
+
+class LocalWorkers:
+    """Starts and stops real worker processes that dial the embedded foreman.
+
+    Each runs one task at a time, so ``n`` local workers use ``n`` cores, like ``multiprocessing.Pool(n)``.
+    They inherit this process's import path, so functions pickled by reference (from importable modules) load.
+    """
+
+    def __init__(self, address: str, token: str | None, heartbeat_interval: float) -> None:
+        self.address = address
+        self.token = token
+        self.heartbeat_interval = heartbeat_interval
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, n: int) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        if self.token is not None:
+            env["CROWDCOMPUTE_TOKEN"] = self.token
+        for _ in range(n):
+            index = len(self.processes)
+            command = [sys.executable, "-m", "worker", self.address, "--concurrency", "1",
+                       "--worker-id", f"local-{os.getpid()}-{index}", "--parent-pid", str(os.getpid()),
+                       "--heartbeat-interval", str(self.heartbeat_interval), "--log-level", "WARNING"]
+            self.processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM (the worker drains, then leaves), then SIGKILL what is still running after ``timeout``."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("local worker %s did not stop in %.0fs: killing it", process.pid, timeout)
+                process.kill()
+                process.wait()
+        self.processes.clear()

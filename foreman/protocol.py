@@ -1,0 +1,168 @@
+"""The CrowdCompute wire protocol: message kinds, framing, validation and limits.
+
+Both the foreman and the worker import this module, so it imports nothing beyond the standard library.
+The format is documented for humans in ``docs/protocol.md``; keep the two in step.
+
+Every WebSocket message is one binary frame::
+
+    [kind: u8][header length: u32, big-endian][header: UTF-8 JSON object][payload: raw bytes]
+
+The header is plain JSON (never pickle), so a peer can be validated before anything is unpickled.
+The payload carries pickled data (a job's function, a batch of arguments, a batch of results) as raw bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from typing import Any, NamedTuple
+
+from foreman.errors import ProtocolError
+
+#: Bumped on any incompatible change to framing, kinds or required header fields.
+PROTOCOL_VERSION = 1
+
+#: Largest message either side accepts. Protects memory: a peer can make us buffer at most this much per
+#: connection before the message is refused. Argument and result batches are cut to fit under it.
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+#: Largest JSON header. Headers carry ids and small settings only.
+MAX_HEADER_SIZE = 64 * 1024
+
+_PREFIX = struct.Struct(">BI")
+
+
+class Kind(enum.IntEnum):
+    """Message kinds. Direction: W = worker to foreman, F = foreman to worker."""
+
+    HELLO = 1  # W: handshake, the first message on a connection
+    WELCOME = 2  # F: handshake accepted
+    JOB = 3  # F: a job's function (payload: cloudpickle), sent once per job and worker
+    TASKS = 4  # F: a batch of tasks (payload: pickled list of arguments)
+    RESULTS = 5  # W: the outcome of a batch (payload: pickled results and errors)
+    CANCEL = 6  # F: drop queued and kill running tasks of a job (or of one batch)
+    JOB_DONE = 7  # F: the job is over; the worker may forget its function
+    HEARTBEAT = 8  # W and F: liveness, with a small status in the header
+    RESTART = 9  # F: restart the worker (relayed control)
+    DRAIN = 10  # F: finish or hand back work, then leave. W: I am draining, send no more
+
+
+class Message(NamedTuple):
+    kind: Kind
+    header: dict[str, Any]
+    payload: bytes | memoryview = b""
+
+
+# Required header fields and their JSON types, per kind. Unknown fields are ignored (forward compatible).
+_NUM = (int, float)
+SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
+    Kind.HELLO: {"protocol": int, "worker_id": str, "token": (str, type(None)), "python": str,
+                 "cloudpickle": str, "concurrency": int, "capabilities": list},
+    Kind.WELCOME: {"session": str, "heartbeat_interval": _NUM, "heartbeat_timeout": _NUM,
+                   "max_message_size": int},
+    Kind.JOB: {"job": int, "digest": str, "call": str},
+    Kind.TASKS: {"job": int, "start": int, "count": int},
+    Kind.RESULTS: {"job": int, "start": int, "count": int, "status": str, "elapsed": _NUM},
+    Kind.CANCEL: {"job": int},
+    Kind.JOB_DONE: {"job": int},
+    Kind.HEARTBEAT: {},
+    Kind.RESTART: {"hard": bool},
+    Kind.DRAIN: {},
+}
+
+#: Kinds whose payload is meaningful; any other kind must arrive with an empty payload.
+PAYLOAD_KINDS = frozenset({Kind.JOB, Kind.TASKS, Kind.RESULTS})
+
+#: Values of the RESULTS ``status`` field.
+STATUS_OK = "ok"  # the batch ran; per-task exceptions travel inside the payload
+STATUS_CRASHED = "crashed"  # the process running the batch died (header "error" says how)
+STATUS_RETURNED = "returned"  # handed back unstarted (draining, restarting); not the batch's fault
+STATUS_CANCELLED = "cancelled"  # stopped on the foreman's request
+RESULT_STATUSES = frozenset({STATUS_OK, STATUS_CRASHED, STATUS_RETURNED, STATUS_CANCELLED})
+
+#: Ways a job's function is applied to one item of a TASKS batch.
+CALL_ONE = "one"  # fn(item)
+CALL_STAR = "star"  # fn(*item)
+CALL_FULL = "full"  # fn(*item[0], **item[1])
+CALLS = frozenset({CALL_ONE, CALL_STAR, CALL_FULL})
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes used by CrowdCompute (4000-4999 is the application range)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 4000
+    AUTH_FAILED = 4001
+    VERSION_MISMATCH = 4002
+    HEARTBEAT_TIMEOUT = 4003
+    REPLACED = 4004
+    SHUTTING_DOWN = 4005
+
+
+#: Close codes after which a worker must not reconnect: retrying cannot succeed without a human.
+FATAL_CLOSE_CODES = frozenset({CloseCode.AUTH_FAILED, CloseCode.VERSION_MISMATCH})
+
+
+def encode(kind: Kind, header: dict[str, Any] | None = None, payload: bytes | memoryview = b"") -> bytes:
+    """Frame one message. Raises ProtocolError if the header is too large."""
+    raw = json.dumps(header or {}, separators=(",", ":")).encode()
+    if len(raw) > MAX_HEADER_SIZE:
+        raise ProtocolError(f"{kind.name} header is {len(raw)} bytes, over the {MAX_HEADER_SIZE}-byte limit")
+    return b"".join((_PREFIX.pack(kind, len(raw)), raw, payload))
+
+
+def decode(data: bytes | bytearray | memoryview | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Message:
+    """Parse and validate one message; raise ProtocolError saying what is wrong with it.
+
+    The payload is returned as a memoryview of ``data`` (no copy).
+    """
+    if isinstance(data, str):
+        raise ProtocolError("text frame received; CrowdCompute speaks binary frames only")
+    size = len(data)
+    if size > max_size:
+        raise ProtocolError(f"message of {size} bytes is over the {max_size}-byte limit")
+    if size < _PREFIX.size:
+        raise ProtocolError(f"message of {size} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    code, header_len = _PREFIX.unpack_from(data)
+    try:
+        kind = Kind(code)
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {code}") from None
+    end = _PREFIX.size + header_len
+    if header_len > MAX_HEADER_SIZE:
+        raise ProtocolError(f"{kind.name} header of {header_len} bytes is over the {MAX_HEADER_SIZE}-byte limit")
+    if end > size:
+        raise ProtocolError(f"{kind.name} message truncated: header needs {header_len} bytes, "
+                            f"{size - _PREFIX.size} present")
+    view = memoryview(data)
+    try:
+        header = json.loads(bytes(view[_PREFIX.size:end]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"{kind.name} header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"{kind.name} header must be a JSON object, not {type(header).__name__}")
+    for field, expected in SCHEMAS[kind].items():
+        value = header.get(field, _MISSING)
+        if value is _MISSING:
+            raise ProtocolError(f"{kind.name} header lacks the required field {field!r}")
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected in (int, _NUM)):
+            raise ProtocolError(f"{kind.name} field {field!r} has the wrong type {type(value).__name__}")
+    payload = view[end:]
+    if payload.nbytes and kind not in PAYLOAD_KINDS:
+        raise ProtocolError(f"{kind.name} message must not carry a payload ({payload.nbytes} bytes found)")
+    _check_values(kind, header)
+    return Message(kind, header, payload)
+
+
+_MISSING = object()
+
+
+def _check_values(kind: Kind, header: dict[str, Any]) -> None:
+    if kind in (Kind.TASKS, Kind.RESULTS) and (header["start"] < 0 or header["count"] < 1):
+        raise ProtocolError(f"{kind.name} has an invalid range start={header['start']} count={header['count']}")
+    if kind is Kind.RESULTS and header["status"] not in RESULT_STATUSES:
+        raise ProtocolError(f"RESULTS has an unknown status {header['status']!r}")
+    if kind is Kind.JOB and header["call"] not in CALLS:
+        raise ProtocolError(f"JOB has an unknown call style {header['call']!r}")

@@ -1,0 +1,474 @@
+"""The scheduler core: who runs what, with no I/O, no threads and no wall clock.
+
+The server feeds it events (a worker joined, a message arrived, a batch was added, the clock moved) and acts on
+what it returns (send these batches there, close that connection, fail those tasks). Everything is deterministic
+given the injected clock, so tests drive it directly with a fake clock and never open a socket.
+
+The unit of assignment is a :class:`Batch`: a contiguous range of one job's tasks. Per-batch, not per-task,
+bookkeeping keeps the hot path cheap. A batch's life is one table, :data:`TRANSITIONS`; :func:`_move` is the
+only place a state changes.
+
+Worker loss and poison tasks. When a worker vanishes, each batch it held gets a strike and is requeued as a
+*suspect*. A suspect runs alone: on a worker with nothing else in flight, which gets nothing else until it is done,
+so a second loss can be blamed on that batch. A multi-task batch that loses a second worker is split into single
+tasks (each still a suspect); a single task that loses ``max_task_losses`` workers in a row fails as poison.
+Graceful hand-backs (draining, restart) requeue without a strike.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from foreman.serialization import split_payload
+
+
+class State(enum.Enum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    DONE = "done"
+    FAILED = "failed"
+    SPLIT = "split"  # replaced by single-task batches
+    CANCELLED = "cancelled"
+
+
+class Event(enum.Enum):
+    ASSIGN = "assign"
+    COMPLETE = "complete"
+    REQUEUE = "requeue"  # lost its last worker, or handed back
+    FAIL = "fail"
+    SPLIT = "split"
+    CANCEL = "cancel"
+
+
+#: Every allowed (state, event) -> new state. Anything else is a bug and raises.
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.QUEUED, Event.ASSIGN): State.ASSIGNED,
+    (State.QUEUED, Event.CANCEL): State.CANCELLED,
+    (State.ASSIGNED, Event.ASSIGN): State.ASSIGNED,  # a second copy (speculation, or reassignment race)
+    (State.ASSIGNED, Event.COMPLETE): State.DONE,
+    (State.ASSIGNED, Event.REQUEUE): State.QUEUED,
+    (State.ASSIGNED, Event.FAIL): State.FAILED,
+    (State.ASSIGNED, Event.SPLIT): State.SPLIT,
+    (State.ASSIGNED, Event.CANCEL): State.CANCELLED,
+}
+
+TERMINAL = frozenset({State.DONE, State.FAILED, State.SPLIT, State.CANCELLED})
+
+
+class TransitionError(RuntimeError):
+    """The core was asked for a transition its table does not allow: a bug in the caller or the core."""
+
+
+@dataclass(eq=False)
+class Batch:
+    """Tasks ``start .. start+count-1`` of one job, with their pickled arguments."""
+
+    job_id: int
+    start: int
+    count: int
+    payload: bytes
+    state: State = State.QUEUED
+    strikes: int = 0  # workers lost in a row while this batch was in flight
+    attempts: int = 0  # times assigned
+    holders: set[str] = field(default_factory=set)  # workers it is in flight on
+    assigned_at: float = 0.0
+    last_loss: str = ""
+
+    @property
+    def suspect(self) -> bool:
+        return self.strikes > 0
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.job_id, self.start, self.count)
+
+
+def _move(batch: Batch, event: Event) -> None:
+    """Apply ``event`` to ``batch``: the only place a batch changes state."""
+    new = TRANSITIONS.get((batch.state, event))
+    if new is None:
+        raise TransitionError(f"batch {batch.key} cannot {event.value} from {batch.state.value}")
+    batch.state = new
+
+
+@dataclass(eq=False)
+class Job:
+    """The core's view of a job: its live batches, in queue or in flight."""
+
+    id: int
+    env: str  # environment fingerprint a worker must match to receive this job's function
+    created: float
+    queue: deque[Batch] = field(default_factory=deque)  # ordinary batches, in order
+    suspects: deque[Batch] = field(default_factory=deque)  # batches that lost a worker; run alone
+    live: dict[int, Batch] = field(default_factory=dict)  # start -> batch, queued or assigned
+    input_closed: bool = False  # no more batches will be added
+    cancelled: bool = False
+    tasks_total: int = 0
+    tasks_done: int = 0
+    tasks_failed: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.cancelled or (self.input_closed and not self.live)
+
+    @property
+    def has_queued(self) -> bool:
+        return bool(self.queue or self.suspects)
+
+
+@dataclass(eq=False)
+class Worker:
+    """The core's view of a connected worker."""
+
+    id: str
+    slots: int  # tasks it runs at once
+    env: str
+    capacity: int  # batches it may hold: slots plus prefetch
+    last_seen: float
+    batches: dict[tuple[int, int, int], Batch] = field(default_factory=dict)
+    jobs: set[int] = field(default_factory=set)  # jobs whose function it has been sent
+    exclusive: bool = False  # running a suspect batch: gets nothing else
+    draining: bool = False
+    tasks_done: int = 0
+
+    @property
+    def free(self) -> bool:
+        return not self.draining and not self.exclusive and len(self.batches) < self.capacity
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Send ``batch`` to ``worker``; first send the job's function if ``ship_function``."""
+
+    worker_id: str
+    batch: Batch
+    ship_function: bool
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A batch's first result was accepted; ``cancel_on`` still run copies of it."""
+
+    batch: Batch
+    cancel_on: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A batch failed for good (poison task); its tasks get ``reason`` as their error."""
+
+    batch: Batch
+    reason: str
+
+
+class Scheduler:
+    """Task states, queues, assignment, heartbeat deadlines, reassignment and retry counting.
+
+    :param clock: returns the current time in seconds (``time.monotonic`` in production, a fake in tests).
+    :param heartbeat_timeout: a worker silent for this long is declared lost. Shorter detects a frozen machine
+        sooner; too short declares slow links dead and reruns their work.
+    :param prefetch: batches queued on a worker beyond its running slots, so it never waits for its next batch.
+        Each costs memory on the worker and work redone if the worker is lost.
+    :param max_task_losses: a task in flight on this many workers that died in a row is failed as poison.
+    """
+
+    def __init__(self, clock: Callable[[], float], heartbeat_timeout: float = 30.0, prefetch: int | None = None,
+                 max_task_losses: int = 3) -> None:
+        if heartbeat_timeout <= 0:
+            raise ValueError("heartbeat_timeout must be > 0")
+        if max_task_losses < 1:
+            raise ValueError("max_task_losses must be >= 1")
+        self.clock = clock
+        self.heartbeat_timeout = heartbeat_timeout
+        self.prefetch = prefetch
+        self.max_task_losses = max_task_losses
+        self.jobs: dict[int, Job] = {}
+        self.workers: dict[str, Worker] = {}
+        self._by_last_seen: OrderedDict[str, None] = OrderedDict()  # least recently heard from first
+        self._free: dict[str, None] = {}  # workers that may take a batch now (ordered set)
+        self._runnable: deque[int] = deque()  # jobs with queued batches, round-robin order
+        self._reserved: str | None = None  # worker being emptied to run a waiting suspect
+        self._job_ids = itertools.count(1)
+        self.capacity = 0  # batches all workers may hold; read by feeder threads, so a plain int
+        self.slots = 0  # tasks all workers run at once
+        self.reassigned = 0
+        self.duplicates_dropped = 0
+        self.workers_lost = 0
+
+    # -- workers ---------------------------------------------------------------------------------------------
+
+    def add_worker(self, worker_id: str, slots: int, env: str) -> Worker:
+        if worker_id in self.workers:
+            raise ValueError(f"worker {worker_id!r} is already connected")
+        if slots < 1:
+            raise ValueError("a worker needs at least one slot")
+        prefetch = slots if self.prefetch is None else self.prefetch
+        worker = Worker(worker_id, slots, env, slots + prefetch, self.clock())
+        self.workers[worker_id] = worker
+        self.capacity += worker.capacity
+        self.slots += slots
+        self._by_last_seen[worker_id] = None
+        self._free[worker_id] = None
+        return worker
+
+    def touch(self, worker_id: str) -> None:
+        """Any message from a worker proves it alive."""
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.last_seen = self.clock()
+            self._by_last_seen.move_to_end(worker_id)
+
+    def expired(self) -> list[str]:
+        """Workers silent for longer than the heartbeat timeout. The caller removes them."""
+        deadline = self.clock() - self.heartbeat_timeout
+        out = []
+        for worker_id in self._by_last_seen:
+            if self.workers[worker_id].last_seen >= deadline:
+                break
+            out.append(worker_id)
+        return out
+
+    def drain_worker(self, worker_id: str) -> None:
+        """The worker takes no new batches; those it holds finish or come back by :meth:`hand_back`."""
+        worker = self.workers[worker_id]
+        worker.draining = True
+        self._free.pop(worker_id, None)
+
+    def remove_worker(self, worker_id: str, lost: bool) -> list[Failure]:
+        """Forget a worker and requeue what it held: with a strike if ``lost``, without if it left cleanly."""
+        worker = self.workers.pop(worker_id)
+        self.capacity -= worker.capacity
+        self.slots -= worker.slots
+        if self._reserved == worker_id:
+            self._reserved = None
+        self._by_last_seen.pop(worker_id, None)
+        self._free.pop(worker_id, None)
+        if lost:
+            self.workers_lost += 1
+        failures = []
+        for batch in worker.batches.values():
+            batch.holders.discard(worker_id)
+            if batch.holders:
+                continue  # another copy still runs
+            failure = self._requeue(batch, strike=lost, reason=f"worker {worker_id} was lost")
+            if failure:
+                failures.append(failure)
+        return failures
+
+    # -- jobs ------------------------------------------------------------------------------------------------
+
+    def add_job(self, env: str) -> Job:
+        job = Job(next(self._job_ids), env, self.clock())
+        self.jobs[job.id] = job
+        return job
+
+    def add_batch(self, job_id: int, start: int, count: int, payload: bytes) -> Batch:
+        job = self.jobs[job_id]
+        if job.input_closed:
+            raise ValueError(f"job {job_id} input is closed")
+        batch = Batch(job_id, start, count, payload)
+        job.live[start] = batch
+        job.tasks_total += count
+        job.queue.append(batch)
+        self._mark_runnable(job)
+        return batch
+
+    def close_input(self, job_id: int) -> None:
+        """No more batches will be added to this job."""
+        self.jobs[job_id].input_closed = True
+
+    def cancel_job(self, job_id: int) -> list[tuple[str, Batch]]:
+        """Cancel every live batch; returns the (worker, batch) pairs still running, to be killed there."""
+        job = self.jobs[job_id]
+        job.cancelled = True
+        running = []
+        for batch in job.live.values():
+            for worker_id in batch.holders:
+                running.append((worker_id, batch))
+                self._release(self.workers[worker_id], batch.key)
+            batch.holders.clear()
+            _move(batch, Event.CANCEL)
+        job.live.clear()
+        job.queue.clear()
+        job.suspects.clear()
+        return running
+
+    def forget_job(self, job_id: int) -> list[str]:
+        """Drop a finished job; returns the workers holding its function, to be told they may forget it."""
+        self.jobs.pop(job_id)
+        holders = []
+        for worker in self.workers.values():
+            if job_id in worker.jobs:
+                worker.jobs.discard(job_id)
+                holders.append(worker.id)
+        return holders
+
+    # -- results ---------------------------------------------------------------------------------------------
+
+    def complete(self, worker_id: str, job_id: int, start: int, count: int) -> Completion | None:
+        """A worker returned a batch's results. None if they are stale or a duplicate: drop them."""
+        batch = self._live_batch(job_id, start, count)
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            self._release(worker, (job_id, start, count))
+        if batch is None or batch.state is not State.ASSIGNED:
+            self.duplicates_dropped += 1
+            return None
+        _move(batch, Event.COMPLETE)
+        if worker is not None:
+            worker.tasks_done += count
+        others = tuple(w for w in batch.holders if w != worker_id)
+        for other in others:
+            self._release(self.workers[other], batch.key)
+        batch.holders.clear()
+        job = self.jobs[job_id]
+        del job.live[start]
+        job.tasks_done += count
+        batch.payload = b""
+        return Completion(batch, others)
+
+    def hand_back(self, worker_id: str, job_id: int, start: int, count: int) -> None:
+        """The worker returned a batch unstarted (draining, restarting): requeue it without a strike."""
+        batch = self._live_batch(job_id, start, count)
+        worker = self.workers.get(worker_id)
+        if batch is None or worker is None or worker_id not in batch.holders:
+            return
+        self._release(worker, batch.key)
+        batch.holders.discard(worker_id)
+        if not batch.holders:
+            self._requeue(batch, strike=False, reason="")
+
+    def crashed(self, worker_id: str, job_id: int, start: int, count: int, reason: str) -> Failure | None:
+        """The process running a batch died while the worker lived: a strike, as for a lost worker."""
+        batch = self._live_batch(job_id, start, count)
+        worker = self.workers.get(worker_id)
+        if batch is None or worker is None or worker_id not in batch.holders:
+            return None
+        self._release(worker, batch.key)
+        batch.holders.discard(worker_id)
+        if batch.holders:
+            return None
+        return self._requeue(batch, strike=True, reason=reason)
+
+    # -- assignment ------------------------------------------------------------------------------------------
+
+    def dispatch(self) -> list[Assignment]:
+        """Fill every free worker from the queues. Call after anything that frees a worker or adds work."""
+        out: list[Assignment] = []
+        if not self._runnable:
+            return out
+        for worker_id in list(self._free):
+            worker = self.workers[worker_id]
+            while worker.free and self._runnable:
+                batch = self._next_batch_for(worker)
+                if batch is None:
+                    break
+                out.append(self._assign(worker, batch))
+            if not self._runnable:
+                break
+        return out
+
+    def _next_batch_for(self, worker: Worker) -> Batch | None:
+        """Round-robin over runnable jobs this worker can serve.
+
+        Suspects go only to an idle worker. When suspects wait and no worker is idle, one worker is reserved:
+        it gets nothing new until it has emptied, then takes a suspect. Without this, a steady stream of
+        ordinary batches could keep every worker busy and the suspects waiting forever.
+        """
+        if worker.id == self._reserved:
+            if worker.batches:
+                return None
+            self._reserved = None
+        eligible = [self.jobs[j] for j in self._runnable if self.jobs[j].env == worker.env]
+        if not worker.batches:
+            for job in eligible:
+                if job.suspects:
+                    return self._pop(job, job.suspects)
+        elif self._reserved is None and any(job.suspects for job in eligible):
+            self._reserved = worker.id
+            return None
+        for job in eligible:
+            if job.queue:
+                self._runnable.remove(job.id)
+                self._runnable.append(job.id)  # round-robin: this job goes to the back
+                return self._pop(job, job.queue)
+        return None
+
+    def _pop(self, job: Job, queue: deque[Batch]) -> Batch:
+        batch = queue.popleft()
+        if not job.has_queued:
+            self._runnable.remove(job.id)
+        return batch
+
+    def _assign(self, worker: Worker, batch: Batch) -> Assignment:
+        _move(batch, Event.ASSIGN)
+        batch.holders.add(worker.id)
+        batch.attempts += 1
+        batch.assigned_at = self.clock()
+        worker.batches[batch.key] = batch
+        if batch.suspect:
+            worker.exclusive = True
+        if not worker.free:
+            self._free.pop(worker.id, None)
+        ship = batch.job_id not in worker.jobs
+        worker.jobs.add(batch.job_id)
+        return Assignment(worker.id, batch, ship)
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _live_batch(self, job_id: int, start: int, count: int) -> Batch | None:
+        job = self.jobs.get(job_id)
+        batch = job.live.get(start) if job else None
+        return batch if batch is not None and batch.count == count else None
+
+    def _release(self, worker: Worker, key: tuple[int, int, int]) -> None:
+        batch = worker.batches.pop(key, None)
+        if batch is not None and batch.suspect:
+            worker.exclusive = False
+        if worker.free and worker.id in self.workers:
+            self._free[worker.id] = None
+
+    def _requeue(self, batch: Batch, strike: bool, reason: str) -> Failure | None:
+        job = self.jobs[batch.job_id]
+        if not strike:
+            _move(batch, Event.REQUEUE)
+            (job.suspects if batch.suspect else job.queue).appendleft(batch)
+            self._mark_runnable(job)
+            return None
+        batch.strikes += 1
+        batch.last_loss = reason
+        self.reassigned += 1
+        if batch.count == 1 and batch.strikes >= self.max_task_losses:
+            _move(batch, Event.FAIL)
+            del job.live[batch.start]
+            job.tasks_failed += 1
+            return Failure(batch, f"task {batch.start} of job {batch.job_id} was in flight on "
+                                  f"{batch.strikes} workers that died in a row (last: {reason}); "
+                                  f"it looks like a poison task and is not retried")
+        if batch.count > 1 and batch.strikes >= 2:
+            _move(batch, Event.SPLIT)
+            singles = list(_split(batch))
+            del job.live[batch.start]
+            for single in singles:
+                job.live[single.start] = single
+            job.suspects.extend(singles)
+        else:
+            _move(batch, Event.REQUEUE)
+            job.suspects.append(batch)
+        self._mark_runnable(job)
+        return None
+
+    def _mark_runnable(self, job: Job) -> None:
+        if job.id not in self._runnable:
+            self._runnable.append(job.id)
+
+
+def _split(batch: Batch) -> Iterable[Batch]:
+    """Cut a batch into single-task batches, keeping its strikes."""
+    for offset, payload in enumerate(split_payload(batch.payload, batch.count)):
+        yield Batch(batch.job_id, batch.start + offset, 1, payload, strikes=batch.strikes,
+                    last_loss=batch.last_loss)

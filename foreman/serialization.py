@@ -1,0 +1,150 @@
+"""Pickling of functions, argument batches, result batches and remote exceptions.
+
+One place decides how user objects become bytes and back, on both sides of the wire. Functions and arguments
+use cloudpickle (so lambdas, closures and functions from ``__main__`` travel by value) with pickle protocol 5.
+Results are loaded with :func:`loads_results`; the foreman's trust policy for worker-sent bytes lives there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import platform
+import sys
+import traceback
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+
+from foreman.errors import RemoteError, RemoteTraceback, SerializationError
+
+PICKLE_PROTOCOL = 5
+
+#: A worker must match this to unpickle a job's function (cloudpickle needs the same Python minor version).
+ENV_FINGERPRINT = f"py{sys.version_info[0]}.{sys.version_info[1]}/cloudpickle{cloudpickle.__version__.split('.')[0]}"
+
+_function_cache: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
+
+
+def describe_env() -> str:
+    return f"Python {platform.python_version()} with cloudpickle {cloudpickle.__version__}"
+
+
+def dumps_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
+    """Pickle a job's function once; returns (sha256 hex digest, bytes). Cached per function object."""
+    if not callable(fn):
+        raise TypeError(f"expected a callable, got {type(fn).__name__}")
+    try:
+        return _function_cache[fn]
+    except (KeyError, TypeError):
+        pass
+    try:
+        data = cloudpickle.dumps(fn, protocol=PICKLE_PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle function {_name(fn)}: {type(exc).__name__}: {exc}") from exc
+    entry = (hashlib.sha256(data).hexdigest(), data)
+    try:
+        _function_cache[fn] = entry
+    except TypeError:
+        pass  # not weak-referenceable (some builtins): pickled again next time
+    return entry
+
+
+def dumps_items(items: Sequence[Any], first_index: int = 0) -> bytes:
+    """Pickle a batch of task arguments as one list. Names the task whose argument cannot be pickled."""
+    try:
+        return cloudpickle.dumps(items, protocol=PICKLE_PROTOCOL)
+    except Exception:
+        for offset, item in enumerate(items):
+            try:
+                cloudpickle.dumps(item, protocol=PICKLE_PROTOCOL)
+            except Exception as exc:
+                raise SerializationError(f"cannot pickle the argument of task {first_index + offset} "
+                                         f"({type(item).__name__}): {type(exc).__name__}: {exc}") from exc
+        raise
+
+
+def split_payload(payload: bytes, count: int) -> list[bytes]:
+    """Re-pickle a batch of ``count`` arguments as ``count`` single-item batches."""
+    items = pickle.loads(payload)
+    if len(items) != count:
+        raise ValueError(f"payload holds {len(items)} items, expected {count}")
+    return [cloudpickle.dumps([item], protocol=PICKLE_PROTOCOL) for item in items]
+
+
+# -- results (worker -> foreman) ------------------------------------------------------------------------------
+
+#: One task's failure: (pickled exception or None, type name, message, traceback text).
+ErrorEntry = tuple[bytes | None, str, str, str]
+
+
+def error_entry(exc: BaseException) -> ErrorEntry:
+    """Capture an exception raised by a task, on the worker."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        data: bytes | None = cloudpickle.dumps(exc, protocol=PICKLE_PROTOCOL)
+    except Exception:
+        data = None
+    return (data, _qualname(type(exc)), str(exc), text)
+
+
+def dumps_results(results: list[Any], errors: dict[int, ErrorEntry]) -> bytes:
+    """Pickle a batch's outcomes; a result that cannot be pickled becomes that task's error."""
+    try:
+        return cloudpickle.dumps((results, errors), protocol=PICKLE_PROTOCOL)
+    except Exception:
+        pass
+    for index, value in enumerate(results):
+        if index in errors:
+            continue
+        try:
+            cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+        except Exception as exc:
+            results[index] = None
+            failure = SerializationError(f"the result of this task ({type(value).__name__}) cannot be pickled: "
+                                         f"{type(exc).__name__}: {exc}")
+            errors[index] = (None, "foreman.errors.SerializationError", str(failure), "")
+    return cloudpickle.dumps((results, errors), protocol=PICKLE_PROTOCOL)
+
+
+def loads_results(payload: bytes | memoryview) -> tuple[list[Any], dict[int, ErrorEntry]]:
+    """Load a batch's outcomes sent by a worker."""
+    try:
+        results, errors = pickle.loads(payload)
+    except Exception as exc:
+        raise SerializationError(f"cannot unpickle a result batch: {type(exc).__name__}: {exc}") from exc
+    return results, errors
+
+
+def rebuild_exception(entry: ErrorEntry) -> BaseException:
+    """The exception a task raised, with its original type where it unpickles and the remote traceback attached."""
+    data, type_name, message, text = entry
+    exc: BaseException | None = None
+    if data is not None:
+        try:
+            exc = pickle.loads(data)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        if type_name == "foreman.errors.SerializationError":
+            exc = SerializationError(message)
+        else:
+            exc = RemoteError(type_name, message, text)
+    if text:
+        exc.__cause__ = RemoteTraceback(text)
+        try:
+            exc.remote_traceback = text  # type: ignore[attr-defined]
+        except AttributeError:
+            pass  # exception types with __slots__
+    return exc
+
+
+def _qualname(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)

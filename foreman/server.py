@@ -1,0 +1,354 @@
+"""The foreman's asyncio shell: WebSocket connections in, scheduler decisions out.
+
+All scheduling decisions are the :class:`~foreman.scheduler.Scheduler`'s; this module authenticates peers, turns
+frames into scheduler events, and sends what the scheduler decides. Every method here runs on the foreman's
+event loop; :mod:`foreman.client` crosses into it from user threads with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from foreman import protocol
+from foreman.errors import ForemanClosedError, ProtocolError, TaskLostError
+from foreman.protocol import CloseCode, Kind
+from foreman.scheduler import Assignment, Failure, Scheduler
+from foreman.serialization import ENV_FINGERPRINT
+
+log = logging.getLogger("crowdcompute.foreman")
+
+#: Seconds a new connection has to send its HELLO. Bounds what a silent peer can hold.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class JobSink(Protocol):
+    """Receives a job's outcomes on the event loop (implemented by :mod:`foreman.jobs`)."""
+
+    def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float) -> None: ...
+
+    def fail(self, start: int, count: int, error: BaseException) -> None: ...
+
+    def aborted(self, error: BaseException) -> None: ...
+
+    def started(self) -> None: ...
+
+    def finished(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _JobRecord:
+    id: int
+    digest: str
+    function: bytes
+    call: str
+    sink: JobSink
+    started: bool = False
+
+
+@dataclass(eq=False)
+class Peer:
+    """One connected worker."""
+
+    worker_id: str
+    ws: ServerConnection
+    hello: dict[str, Any]
+    connected_at: float = field(default_factory=time.time)
+    outbound: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    leaving: bool = False  # said DRAIN: its close is clean
+
+    def send(self, data: bytes) -> None:
+        self.outbound.put_nowait(data)
+
+
+class ForemanServer:
+    """Accepts workers, runs the scheduler against them, and reports outcomes to job sinks.
+
+    :param token: shared secret every worker must present; None accepts any worker (keep the foreman on
+        localhost then).
+    :param heartbeat_interval: how often workers are told to send a heartbeat.
+    :param heartbeat_timeout: a worker silent this long is declared lost and its tasks reassigned.
+    :param max_message_size: largest frame accepted from a peer; bounds memory per connection.
+    :param max_task_losses: see :class:`~foreman.scheduler.Scheduler`.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
+                 heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
+                 max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3) -> None:
+        if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
+            raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
+        self.host = host
+        self.port = port
+        self.token = token
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_message_size = max_message_size
+        self.scheduler = Scheduler(time.monotonic, heartbeat_timeout, max_task_losses=max_task_losses)
+        self.peers: dict[str, Peer] = {}
+        self.jobs: dict[int, _JobRecord] = {}
+        self.session = uuid.uuid4().hex[:12]
+        self._server: Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._waiting_logged: set[int] = set()
+        self.closing = False
+
+    @property
+    def capacity(self) -> int:
+        """Batches the connected workers can hold at once (running plus prefetched)."""
+        return sum(w.capacity for w in self.scheduler.workers.values())
+
+    async def start(self) -> None:
+        self._server = await serve(self._handle, self.host, self.port, max_size=self.max_message_size,
+                                   compression=None, ping_interval=None, open_timeout=HANDSHAKE_TIMEOUT,
+                                   close_timeout=2)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ticker = asyncio.create_task(self._tick_forever())
+        log.info("foreman listening on ws://%s:%s", self.host, self.port)
+
+    def abort_jobs(self) -> None:
+        """Fail every unfinished job with ForemanClosedError and stop its tasks on the workers."""
+        for job_id, record in list(self.jobs.items()):
+            record.sink.aborted(ForemanClosedError(f"the foreman shut down before job {job_id} finished"))
+            self.cancel_job(job_id)
+
+    async def close(self) -> None:
+        self.closing = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self.abort_jobs()
+        if self._server is not None:
+            self._server.close(close_connections=False)
+            for peer in list(self.peers.values()):
+                await peer.ws.close(CloseCode.SHUTTING_DOWN, "foreman shutting down")
+            await self._server.wait_closed()
+
+    # -- jobs (called on the loop by the client layer) --------------------------------------------------------
+
+    def add_job(self, digest: str, function: bytes, call: str, sink: JobSink) -> int:
+        job = self.scheduler.add_job(ENV_FINGERPRINT)
+        self.jobs[job.id] = _JobRecord(job.id, digest, function, call, sink)
+        return job.id
+
+    def add_batch(self, job_id: int, start: int, count: int, payload: bytes) -> None:
+        if job_id in self.jobs:
+            self.scheduler.add_batch(job_id, start, count, payload)
+            self._pump()
+
+    def close_input(self, job_id: int) -> None:
+        if job_id in self.jobs:
+            self.scheduler.close_input(job_id)
+            self._maybe_finish(job_id)
+
+    def cancel_job(self, job_id: int) -> None:
+        """Queued tasks never run; running ones are killed on their workers."""
+        if job_id not in self.jobs:
+            return
+        for worker_id, batch in self.scheduler.cancel_job(job_id):
+            peer = self.peers.get(worker_id)
+            if peer is not None:
+                peer.send(protocol.encode(Kind.CANCEL, {"job": job_id, "start": batch.start}))
+        self._maybe_finish(job_id)
+        self._pump()
+
+    # -- connections -----------------------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        peer = await self._handshake(ws)
+        if peer is None:
+            return
+        writer = asyncio.create_task(self._writer(peer))
+        lost = True
+        try:
+            async for data in ws:
+                self.scheduler.touch(peer.worker_id)
+                self._on_message(peer, protocol.decode(data, self.max_message_size))
+            lost = not (ws.close_code == CloseCode.NORMAL or peer.leaving or self.closing)
+        except ProtocolError as exc:
+            log.warning("worker %s sent a bad message, closing: %s", peer.worker_id, exc)
+            await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
+        except ConnectionClosed:
+            lost = not self.closing
+        finally:
+            writer.cancel()
+            self._drop(peer, lost)
+
+    async def _handshake(self, ws: ServerConnection) -> Peer | None:
+        address = ws.remote_address
+        try:
+            msg = protocol.decode(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.max_message_size)
+            if msg.kind is not Kind.HELLO:
+                raise ProtocolError(f"expected HELLO, got {msg.kind.name}")
+        except (TimeoutError, ConnectionClosed):
+            return None
+        except ProtocolError as exc:
+            log.warning("refused %s: %s", address, exc)
+            await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
+            return None
+        hello = msg.header
+        if hello["protocol"] != protocol.PROTOCOL_VERSION:
+            reason = (f"foreman speaks protocol {protocol.PROTOCOL_VERSION}, "
+                      f"worker speaks {hello['protocol']}: upgrade the older side")
+            log.warning("refused %s (%s): %s", hello["worker_id"], address, reason)
+            await ws.close(CloseCode.VERSION_MISMATCH, reason)
+            return None
+        if not self._token_ok(hello["token"]):
+            reason = "token required" if hello["token"] is None else "invalid token"
+            log.warning("refused worker %s from %s: %s", hello["worker_id"], address, reason)
+            await ws.close(CloseCode.AUTH_FAILED, reason)
+            return None
+        if hello["concurrency"] < 1 or not hello["worker_id"]:
+            await ws.close(CloseCode.PROTOCOL_ERROR, "HELLO needs a worker_id and concurrency >= 1")
+            return None
+        worker_id = hello["worker_id"]
+        old = self.peers.get(worker_id)
+        if old is not None:
+            log.warning("worker %s reconnected: replacing its old connection", worker_id)
+            self._drop(old, lost=True)
+            old.ws.transport.abort()
+        peer = Peer(worker_id, ws, hello)
+        self.peers[worker_id] = peer
+        self.scheduler.add_worker(worker_id, hello["concurrency"], _env_of(hello))
+        await ws.send(protocol.encode(Kind.WELCOME, {
+            "session": self.session, "heartbeat_interval": self.heartbeat_interval,
+            "heartbeat_timeout": self.heartbeat_timeout, "max_message_size": self.max_message_size}))
+        log.info("worker %s joined from %s (%s slots, Python %s)", worker_id, address, hello["concurrency"],
+                 hello["python"])
+        self._pump()
+        return peer
+
+    def _token_ok(self, offered: str | None) -> bool:
+        if self.token is None:
+            return True
+        return offered is not None and hmac.compare_digest(offered.encode(), self.token.encode())
+
+    async def _writer(self, peer: Peer) -> None:
+        while True:
+            data = await peer.outbound.get()
+            try:
+                await peer.ws.send(data)
+            except ConnectionClosed:
+                return
+
+    def _drop(self, peer: Peer, lost: bool) -> None:
+        if self.peers.get(peer.worker_id) is not peer:
+            return  # already replaced or dropped
+        del self.peers[peer.worker_id]
+        failures = self.scheduler.remove_worker(peer.worker_id, lost)
+        if lost:
+            log.warning("worker %s lost (close code %s); its tasks are reassigned", peer.worker_id,
+                        peer.ws.close_code)
+        else:
+            log.info("worker %s left", peer.worker_id)
+        self._report_failures(failures)
+        self._pump()
+
+    # -- messages --------------------------------------------------------------------------------------------
+
+    def _on_message(self, peer: Peer, msg: protocol.Message) -> None:
+        kind, header = msg.kind, msg.header
+        if kind is Kind.RESULTS:
+            self._on_results(peer, header, msg.payload)
+        elif kind is Kind.HEARTBEAT:
+            peer.send(protocol.encode(Kind.HEARTBEAT))
+        elif kind is Kind.DRAIN:
+            peer.leaving = True
+            self.scheduler.drain_worker(peer.worker_id)
+            log.info("worker %s is draining", peer.worker_id)
+        else:
+            raise ProtocolError(f"unexpected {kind.name} from a worker")
+
+    def _on_results(self, peer: Peer, header: dict[str, Any], payload: memoryview | bytes) -> None:
+        job_id, start, count, status = header["job"], header["start"], header["count"], header["status"]
+        scheduler = self.scheduler
+        if status == protocol.STATUS_OK:
+            done = scheduler.complete(peer.worker_id, job_id, start, count)
+            if done is not None:
+                record = self.jobs[job_id]
+                for other in done.cancel_on:
+                    if other in self.peers:
+                        self.peers[other].send(protocol.encode(Kind.CANCEL, {"job": job_id, "start": start}))
+                record.sink.deliver(start, count, payload, float(header["elapsed"]))
+                self._maybe_finish(job_id)
+        elif status == protocol.STATUS_CRASHED:
+            reason = f"{header.get('error', 'the task process died')} on worker {peer.worker_id}"
+            failure = scheduler.crashed(peer.worker_id, job_id, start, count, reason)
+            self._report_failures([failure] if failure else [])
+        elif status == protocol.STATUS_RETURNED:
+            scheduler.hand_back(peer.worker_id, job_id, start, count)
+        self._pump()
+
+    def _report_failures(self, failures: list[Failure]) -> None:
+        for failure in failures:
+            batch = failure.batch
+            record = self.jobs.get(batch.job_id)
+            if record is not None:
+                log.error("%s", failure.reason)
+                record.sink.fail(batch.start, batch.count, TaskLostError(failure.reason))
+                self._maybe_finish(batch.job_id)
+
+    def _maybe_finish(self, job_id: int) -> None:
+        job = self.scheduler.jobs.get(job_id)
+        if job is None or not job.finished:
+            return
+        record = self.jobs.pop(job_id)
+        self._waiting_logged.discard(job_id)
+        for worker_id in self.scheduler.forget_job(job_id):
+            peer = self.peers.get(worker_id)
+            if peer is not None:
+                peer.send(protocol.encode(Kind.JOB_DONE, {"job": job_id}))
+        record.sink.finished()
+
+    def _pump(self) -> None:
+        """Send whatever the scheduler assigns now."""
+        for assignment in self.scheduler.dispatch():
+            self._send_assignment(assignment)
+
+    def _send_assignment(self, assignment: Assignment) -> None:
+        peer = self.peers[assignment.worker_id]
+        batch = assignment.batch
+        record = self.jobs[batch.job_id]
+        if assignment.ship_function:
+            peer.send(protocol.encode(Kind.JOB, {"job": record.id, "digest": record.digest, "call": record.call},
+                                      record.function))
+        if not record.started:
+            record.started = True
+            record.sink.started()
+        peer.send(protocol.encode(Kind.TASKS, {"job": batch.job_id, "start": batch.start, "count": batch.count},
+                                  batch.payload))
+
+    # -- clock -----------------------------------------------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        period = min(1.0, self.heartbeat_interval / 2)
+        while True:
+            await asyncio.sleep(period)
+            self.tick()
+
+    def tick(self) -> None:
+        """Declare silent workers lost and say why waiting jobs wait."""
+        for worker_id in self.scheduler.expired():
+            peer = self.peers.get(worker_id)
+            if peer is None:
+                continue
+            log.warning("worker %s silent for %.0fs: declared lost", worker_id, self.heartbeat_timeout)
+            self._drop(peer, lost=True)
+            peer.ws.transport.abort()
+        for job in self.scheduler.jobs.values():
+            if job.has_queued and job.id not in self._waiting_logged and time.monotonic() - job.created > 5:
+                if not any(w.env == job.env for w in self.scheduler.workers.values()):
+                    self._waiting_logged.add(job.id)
+                    log.warning("job %s is waiting: no connected worker runs %s", job.id, job.env)
+
+
+def _env_of(hello: dict[str, Any]) -> str:
+    """The worker's environment fingerprint, comparable with ENV_FINGERPRINT."""
+    python = ".".join(hello["python"].split(".")[:2])
+    return f"py{python}/cloudpickle{hello['cloudpickle'].split('.')[0]}"

@@ -1,0 +1,72 @@
+"""``python -m worker ws://HOST:PORT [--token T] [--concurrency N] ...``: run a worker until stopped.
+
+Every flag can also be set by an environment variable (shown in ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from worker.sysinfo import cpu_count
+from worker.worker import FatalConnectionError, Worker, WorkerConfig, default_worker_id
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"CROWDCOMPUTE_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker",
+        description="Run a CrowdCompute worker: dial out to a foreman and run the tasks it sends.",
+        epilog="Environment variables: CROWDCOMPUTE_FOREMAN, CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_CONCURRENCY, "
+               "CROWDCOMPUTE_WORKER_ID, CROWDCOMPUTE_CAPABILITIES, CROWDCOMPUTE_LOG_LEVEL.")
+    parser.add_argument("foreman_url", nargs="?", default=_env("FOREMAN", "ws://127.0.0.1:9000"),
+                        help="the foreman's address, ws://HOST:PORT (env CROWDCOMPUTE_FOREMAN)")
+    parser.add_argument("--token", default=_env("TOKEN"), help="shared secret the foreman expects "
+                        "(env CROWDCOMPUTE_TOKEN; prefer the variable: command lines are visible to other users)")
+    parser.add_argument("--concurrency", type=int, default=int(_env("CONCURRENCY") or cpu_count()),
+                        help="tasks run at once, each in its own process (default: CPU count)")
+    parser.add_argument("--worker-id", default=_env("WORKER_ID") or default_worker_id(),
+                        help="stable name of this worker (default: hostname plus a random suffix)")
+    parser.add_argument("--capabilities", default=_env("CAPABILITIES", ""),
+                        help="comma-separated labels jobs may require, e.g. gpu,high-memory")
+    parser.add_argument("--heartbeat-interval", type=float, default=float(_env("HEARTBEAT_INTERVAL") or 5.0),
+                        help="seconds between heartbeats until the foreman sets its own")
+    parser.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT") or 30.0),
+                        help="on SIGTERM, seconds running tasks get to finish before being handed back")
+    parser.add_argument("--no-reconnect", action="store_true", help="exit when the connection drops")
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING or ERROR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = WorkerConfig(
+            foreman_url=args.foreman_url, worker_id=args.worker_id, token=args.token,
+            max_concurrent_tasks=args.concurrency, auto_restart=not args.no_reconnect,
+            heartbeat_interval=args.heartbeat_interval, drain_timeout=args.drain_timeout,
+            capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
+            parent_pid=args.parent_pid)
+    except ValueError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(Worker(config).run())
+    except FatalConnectionError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

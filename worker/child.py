@@ -1,0 +1,97 @@
+"""The child process that runs task batches. One batch at a time; killed and replaced if it hangs or crashes.
+
+Requests (from the parent, by ``Connection.send``):
+``(digest, function bytes or None, call style, number of tasks, payload)``.
+Replies (``send_bytes``): ``b"N"`` when the function for ``digest`` must be sent again, or
+``b"R" + <u32 number of failed tasks> + <pickled results and errors>``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+import threading
+import time
+from collections import OrderedDict
+from multiprocessing.connection import Connection
+from typing import Any
+
+from foreman.protocol import CALL_ONE, CALL_STAR
+from foreman.serialization import ErrorEntry, dumps_results, error_entry
+
+#: Functions kept unpickled per child; older ones are dropped and asked for again if needed.
+FUNCTION_CACHE_SIZE = 32
+
+_COUNT = struct.Struct(">I")
+
+
+def run_batch(fn: Any, call: str, items: list[Any]) -> tuple[list[Any], dict[int, ErrorEntry]]:
+    """Apply ``fn`` to every item; an exception becomes that task's error and the batch goes on."""
+    results: list[Any] = []
+    errors: dict[int, ErrorEntry] = {}
+    append = results.append
+    for item in items:
+        try:
+            if call == CALL_ONE:
+                append(fn(item))
+            elif call == CALL_STAR:
+                append(fn(*item))
+            else:
+                append(fn(*item[0], **item[1]))
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in a task must not end the child
+            errors[len(results)] = error_entry(exc)
+            append(None)
+    return results, errors
+
+
+def child_main(conn: Connection, parent_pid: int) -> None:
+    """Serve batches until the parent closes the pipe or dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, which stops us itself
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    functions: OrderedDict[str, Any] = OrderedDict()
+    while True:
+        try:
+            digest, fn_bytes, call, count, payload = conn.recv()
+        except (EOFError, OSError):
+            return
+        if fn_bytes is not None:
+            functions[digest] = _load(fn_bytes, "the job's function")
+            while len(functions) > FUNCTION_CACHE_SIZE:
+                functions.popitem(last=False)
+        fn = functions.get(digest)
+        if fn is None:
+            conn.send_bytes(b"N")
+            continue
+        functions.move_to_end(digest)
+        items = _load(payload, "the batch's arguments")
+        failure = next((x for x in (fn, items) if isinstance(x, _LoadFailure)), None)
+        if failure is not None:
+            results, errors = [None] * count, {i: failure.entry for i in range(count)}
+        else:
+            results, errors = run_batch(fn, call, items)
+        conn.send_bytes(b"R" + _COUNT.pack(len(errors)) + dumps_results(results, errors))
+
+
+class _LoadFailure:
+    """Stands in for a function or argument batch that would not unpickle here; every task gets its error."""
+
+    def __init__(self, what: str, exc: BaseException) -> None:
+        self.entry = error_entry(RuntimeError(f"cannot unpickle {what} on this worker: {type(exc).__name__}: {exc}"))
+
+
+def _load(data: bytes, what: str) -> Any:
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        return _LoadFailure(what, exc)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A child whose worker was killed must not run on as an orphan."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+

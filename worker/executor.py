@@ -1,0 +1,242 @@
+"""Runs task batches in child processes, so user code never blocks the worker's event loop.
+
+Each slot is a thread that owns one child process: it takes the next batch from a shared queue, hands it to its
+child over a pipe, and waits for the reply while the event loop stays free. A crash kills only that child (the
+slot reports it and starts a new one); a batch to be cancelled is stopped by killing its child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from foreman.protocol import STATUS_CRASHED, STATUS_OK
+from worker.child import child_main
+
+log = logging.getLogger("crowdcompute.worker")
+
+_COUNT = struct.Struct(">I")
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One batch as received from the foreman."""
+
+    job_id: int
+    start: int
+    count: int
+    digest: str
+    function: bytes
+    call: str
+    payload: bytes | memoryview
+    session: int  # the connection it arrived on; results of an old session are still worth delivering
+    received: float = field(default_factory=time.monotonic)
+    started: float = 0.0
+    stop_reason: str = ""  # set when the item is to be stopped: its status is reported with it
+
+
+@dataclass
+class Outcome:
+    """What became of a work item. ``payload`` is pickled results when ``status`` is ok."""
+
+    item: WorkItem
+    status: str
+    payload: bytes = b""
+    failed: int = 0  # tasks that raised
+    elapsed: float = 0.0
+    error: str = ""
+
+
+class Executor:
+    """A fixed set of child processes fed from one queue.
+
+    :param concurrency: child processes, i.e. batches running at once.
+    :param on_outcome: called on the event loop with each :class:`Outcome`.
+    :param start_method: multiprocessing start method; ``spawn`` (the default) behaves alike on every platform.
+    """
+
+    def __init__(self, concurrency: int, on_outcome: Callable[[Outcome], None],
+                 loop: asyncio.AbstractEventLoop, start_method: str = "spawn") -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.concurrency = concurrency
+        self._on_outcome = on_outcome
+        self._loop = loop
+        self._context = multiprocessing.get_context(start_method)
+        self._queue: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.pending: dict[tuple[int, int, int], WorkItem] = {}  # queued, not started
+        self.running: dict[tuple[int, int, int], tuple[WorkItem, _Slot]] = {}
+        self._slots = [_Slot(self, i) for i in range(concurrency)]
+
+    def start(self) -> None:
+        for slot in self._slots:
+            slot.thread.start()
+
+    def submit(self, item: WorkItem) -> None:
+        with self._lock:
+            self.pending[_key(item)] = item
+        self._queue.put(item)
+
+    def stop_items(self, reason: str, job_id: int | None = None, start: int | None = None,
+                   kill_running: bool = True) -> list[WorkItem]:
+        """Stop matching items (all when ``job_id`` is None): queued ones are dropped, running ones killed.
+
+        Queued items are returned to the caller; killed ones report an Outcome with status ``reason``.
+        """
+        def match(item: WorkItem) -> bool:
+            return (job_id is None or item.job_id == job_id) and (start is None or item.start == start)
+
+        with self._lock:
+            dropped = [item for item in self.pending.values() if match(item)]
+            for item in dropped:
+                del self.pending[_key(item)]
+            doomed = [(item, slot) for item, slot in self.running.values() if kill_running and match(item)]
+        for item, slot in doomed:
+            item.stop_reason = reason
+            slot.kill()
+        return dropped
+
+    @property
+    def busy(self) -> int:
+        return len(self.running)
+
+    def close(self) -> None:
+        """Stop all slots and their children; running items are abandoned."""
+        for _ in self._slots:
+            self._queue.put(None)
+        with self._lock:
+            self.pending.clear()
+        for slot in self._slots:
+            slot.kill()
+        for slot in self._slots:
+            slot.thread.join(timeout=5)
+
+    def _take(self) -> WorkItem | None:
+        """Block for the next item to run (None to exit). Called by slot threads."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return None
+            with self._lock:
+                if self.pending.pop(_key(item), None) is None:
+                    continue  # dropped while queued
+                return item
+
+    def _report(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.running.pop(_key(outcome.item), None)
+        try:
+            self._loop.call_soon_threadsafe(self._on_outcome, outcome)
+        except RuntimeError:
+            pass  # the loop is closed: the worker is exiting
+
+
+class _Slot:
+    """One thread and the child process it feeds."""
+
+    def __init__(self, executor: Executor, index: int) -> None:
+        self.executor = executor
+        self.index = index
+        self.process: Any = None
+        self.conn: Connection | None = None
+        self.known: set[str] = set()  # function digests this child has been sent
+        self.thread = threading.Thread(target=self._run, name=f"crowdcompute-slot-{index}", daemon=True)
+
+    def _spawn(self) -> None:
+        context = self.executor._context
+        parent, child = context.Pipe()
+        process = context.Process(target=child_main, args=(child, os.getpid()), daemon=True,
+                                  name=f"crowdcompute-task-{self.index}")
+        process.start()
+        child.close()
+        self.process, self.conn, self.known = process, parent, set()
+
+    def kill(self) -> None:
+        process = self.process
+        if process is not None and process.is_alive():
+            process.kill()
+
+    def _run(self) -> None:
+        try:
+            self._spawn()
+        except Exception:
+            log.exception("cannot start a task process")
+            return
+        while True:
+            item = self.executor._take()
+            if item is None:
+                self._shutdown()
+                return
+            with self.executor._lock:
+                self.executor.running[_key(item)] = (item, self)
+            self.executor._report(self._execute(item))
+
+    def _execute(self, item: WorkItem) -> Outcome:
+        item.started = time.monotonic()
+        try:
+            if self.process is None or not self.process.is_alive():
+                self._spawn()
+            reply = self._ask(item, item.digest in self.known)
+            if reply == b"N":
+                reply = self._ask(item, False)
+        except (EOFError, OSError, BrokenPipeError):
+            return self._died(item)
+        elapsed = time.monotonic() - item.started
+        failed = _COUNT.unpack_from(reply, 1)[0]
+        return Outcome(item, STATUS_OK, reply[1 + _COUNT.size:], failed, elapsed)
+
+    def _ask(self, item: WorkItem, child_has_function: bool) -> bytes:
+        assert self.conn is not None
+        fn = None if child_has_function else item.function
+        self.conn.send((item.digest, fn, item.call, item.count, item.payload))
+        self.known.add(item.digest)
+        return self.conn.recv_bytes()
+
+    def _died(self, item: WorkItem) -> Outcome:
+        process = self.process
+        if process is not None:
+            process.join(timeout=5)
+        self.process = None
+        elapsed = time.monotonic() - item.started
+        if item.stop_reason:
+            status = item.stop_reason
+            return Outcome(item, status, elapsed=elapsed, error=f"stopped ({status})")
+        code = process.exitcode if process is not None else None
+        return Outcome(item, STATUS_CRASHED, elapsed=elapsed, error=describe_exit(code))
+
+    def _shutdown(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        if self.process is not None:
+            self.process.join(timeout=2)
+            self.kill()
+
+
+def describe_exit(code: int | None) -> str:
+    """A person-readable account of how a task process ended."""
+    if code is None:
+        return "the task process vanished"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the task process was killed by {name}"
+    return f"the task process exited with code {code}"
+
+
+def _key(item: WorkItem) -> tuple[int, int, int]:
+    return (item.job_id, item.start, item.count)
+

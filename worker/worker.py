@@ -1,0 +1,424 @@
+"""The worker: dials out to a foreman, runs the batches it is sent, and keeps coming back.
+
+The event loop only moves bytes: tasks run in child processes (:mod:`worker.executor`), so heartbeats keep
+flowing during long tasks. Control (cancel, restart, drain) comes back over the same socket the worker opened,
+so a worker behind NAT needs no open port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from foreman import protocol
+from foreman.errors import AuthenticationError, ProtocolError, VersionMismatchError
+from foreman.protocol import CloseCode, Kind
+from worker import sysinfo
+from worker.executor import Executor, Outcome, WorkItem
+
+log = logging.getLogger("crowdcompute.worker")
+
+VERSION = "0.1.0"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class WorkerConfig:
+    """How a worker runs. Field names follow the prototype, so its users' configs keep working.
+
+    :param foreman_url: the foreman's ``ws://host:port`` address.
+    :param worker_id: a stable name; a worker that reconnects under the same id replaces its old connection.
+    :param token: the shared secret the foreman expects, if it has one.
+    :param max_concurrent_tasks: task processes run at once (default: CPU count).
+    :param auto_restart: reconnect (with backoff) when the connection drops; if False, exit instead.
+    :param heartbeat_interval: seconds between heartbeats until the foreman says otherwise in its WELCOME.
+    :param capabilities: labels a job may require (``gpu``, ``high-memory``, ...).
+    :param drain_timeout: on SIGTERM, seconds to let running tasks finish before handing them back.
+    :param max_message_size: largest message accepted from the foreman; bounds memory per message.
+    :param reconnect_max_delay: upper bound of the exponential reconnect backoff, in seconds.
+    :param start_method: multiprocessing start method for task processes.
+    :param parent_pid: exit when this process ends (used by a foreman's local workers).
+    """
+
+    foreman_url: str = "ws://127.0.0.1:9000"
+    worker_id: str = field(default_factory=default_worker_id)
+    token: str | None = None
+    max_concurrent_tasks: int = field(default_factory=sysinfo.cpu_count)
+    auto_restart: bool = True
+    heartbeat_interval: float = 5.0
+    capabilities: list[str] = field(default_factory=list)
+    drain_timeout: float = 30.0
+    max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE
+    reconnect_max_delay: float = 30.0
+    start_method: str = "spawn"
+    parent_pid: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_tasks < 1:
+            raise ValueError("max_concurrent_tasks must be >= 1")
+        if not self.foreman_url.startswith(("ws://", "wss://")):
+            raise ValueError(f"foreman_url must start with ws:// or wss://, got {self.foreman_url!r}")
+
+
+@dataclass
+class WorkerStats:
+    started: float = field(default_factory=time.time)
+    tasks_completed: int = 0
+    tasks_failed: int = 0
+    total_execution_time: float = 0.0
+    connections: int = 0
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.connections - 1)
+
+
+class FatalConnectionError(Exception):
+    """The foreman refused us for a reason retrying cannot fix."""
+
+
+def backoff_delay(attempt: int, cap: float, base: float = 0.2) -> float:
+    """Exponential backoff with full jitter: a fleet that lost its foreman does not return in lockstep."""
+    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
+
+
+class Worker:
+    """One volunteer worker. ``await worker.run()`` until stopped; ``worker.stop()`` asks it to leave."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.stats = WorkerStats()
+        self.connected = False
+        self.draining = False
+        self.executor: Executor | None = None
+        self._ws: ClientConnection | None = None
+        self._outbound: asyncio.Queue[bytes] | None = None
+        self._outbox: list[bytes] = []  # results finished while disconnected, sent on the next connection
+        self._session = 0
+        self._jobs: dict[int, tuple[str, bytes, str]] = {}  # job id -> (digest, function bytes, call style)
+        self._last_heard = time.monotonic()
+        self._heartbeat_interval = config.heartbeat_interval
+        self._heartbeat_timeout = config.heartbeat_interval * 6
+        self._stop: asyncio.Event | None = None
+        self._reconnect_now = False
+        self._signals = 0
+
+    # -- public ----------------------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """connecting / idle / busy / draining / disconnected."""
+        if self.draining:
+            return "draining"
+        if not self.connected:
+            return "disconnected" if self._stop is not None and self._stop.is_set() else "connecting"
+        return "busy" if self.executor and self.executor.busy else "idle"
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect; return once stopped. Raises FatalConnectionError if refused for good."""
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.executor = Executor(self.config.max_concurrent_tasks, self._on_outcome, loop,
+                                 self.config.start_method)
+        self.executor.start()
+        self._install_signal_handlers(loop)
+        watchers = [asyncio.create_task(self._watch_parent())] if self.config.parent_pid else []
+        try:
+            await self._connect_loop()
+        finally:
+            for task in watchers:
+                task.cancel()
+            self.executor.close()
+
+    def stop(self) -> None:
+        """Leave now: running tasks are abandoned and go back to the foreman."""
+        if self._stop is not None:
+            self._stop.set()
+        if self._ws is not None:
+            asyncio.ensure_future(self._ws.close(CloseCode.NORMAL, "worker stopping"))
+
+    async def drain(self) -> None:
+        """Leave gracefully: hand back queued batches, let running ones finish (up to drain_timeout), go."""
+        if self.draining:
+            return
+        self.draining = True
+        assert self.executor is not None
+        if not self.connected:
+            self.stop()
+            return
+        log.info("draining: handing back queued tasks, finishing running ones (up to %.0fs)",
+                 self.config.drain_timeout)
+        self._send(protocol.encode(Kind.DRAIN))
+        for item in self.executor.stop_items(protocol.STATUS_RETURNED, kill_running=False):
+            self._send_outcome(Outcome(item, protocol.STATUS_RETURNED))
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.executor.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.executor.stop_items(protocol.STATUS_RETURNED)
+        await asyncio.sleep(0.05)  # let the writer flush what is queued
+        self.stop()
+
+    async def restart(self) -> None:
+        """Drop the connection, kill running tasks (they go back to the foreman) and reconnect at once."""
+        assert self.executor is not None
+        log.info("restarting: killing running tasks and reconnecting")
+        self.executor.stop_items(protocol.STATUS_RETURNED)
+        self._reconnect_now = True
+        if self._ws is not None:
+            await self._ws.close(CloseCode.NORMAL, "worker restarting")
+
+    # -- connection ------------------------------------------------------------------------------------------
+
+    async def _connect_loop(self) -> None:
+        assert self._stop is not None
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                async with connect(self.config.foreman_url, max_size=self.config.max_message_size,
+                                   compression=None, ping_interval=None, open_timeout=10,
+                                   close_timeout=2) as ws:
+                    self._ws = ws
+                    await self._serve(ws)
+            except FatalConnectionError:
+                raise
+            except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
+                level = logging.INFO if self.connected or self._stop.is_set() else logging.WARNING
+                log.log(level, "connection to %s ended: %s", self.config.foreman_url, _describe(exc))
+            except InvalidURI as exc:
+                raise FatalConnectionError(str(exc)) from exc
+            finally:
+                self._ws = None
+                if self.connected:
+                    attempt = 0
+                self.connected = False
+            if self._stop.is_set() or self.draining:
+                break
+            if not self.config.auto_restart:
+                log.info("connection closed and auto_restart is off: exiting")
+                break
+            if self._reconnect_now:
+                self._reconnect_now = False
+                continue
+            delay = backoff_delay(attempt, self.config.reconnect_max_delay)
+            attempt += 1
+            log.info("reconnecting in %.1fs", delay)
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        await ws.send(protocol.encode(Kind.HELLO, self._hello()))
+        try:
+            welcome = protocol.decode(await asyncio.wait_for(ws.recv(), 30), self.config.max_message_size)
+        except ConnectionClosed as exc:
+            _raise_if_refused(exc)
+            raise
+        if welcome.kind is not Kind.WELCOME:
+            raise ProtocolError(f"expected WELCOME, got {welcome.kind.name}")
+        self._session += 1
+        self._jobs.clear()
+        self.connected = True
+        self.stats.connections += 1
+        self._heartbeat_interval = float(welcome.header["heartbeat_interval"])
+        self._heartbeat_timeout = float(welcome.header["heartbeat_timeout"])
+        self._last_heard = time.monotonic()
+        log.info("connected to %s as %s (session %s)", self.config.foreman_url, self.config.worker_id,
+                 welcome.header["session"])
+        self._outbound = asyncio.Queue()
+        for data in self._outbox:
+            self._outbound.put_nowait(data)
+        self._outbox.clear()
+        tasks = [asyncio.create_task(self._writer(ws, self._outbound)), asyncio.create_task(self._heartbeats(ws))]
+        try:
+            async for data in ws:
+                self._last_heard = time.monotonic()
+                try:
+                    self._handle(protocol.decode(data, self.config.max_message_size))
+                except ProtocolError as exc:
+                    log.error("foreman sent a bad message: %s", exc)
+                    await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
+                    break
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.connected = False
+            self._salvage(self._outbound)
+            self._outbound = None
+            if self.executor is not None:
+                # Unstarted batches are requeued by the foreman when it sees us go; running ones finish and
+                # their results are offered on the next connection.
+                self.executor.stop_items(protocol.STATUS_RETURNED, kill_running=False)
+        if ws.close_code is not None:
+            _raise_if_refused_code(ws.close_code, ws.close_reason)
+
+    def _hello(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "protocol": protocol.PROTOCOL_VERSION,
+            "worker_id": config.worker_id,
+            "token": config.token,
+            "python": ".".join(map(str, sys.version_info[:3])),
+            "cloudpickle": cloudpickle.__version__,
+            "concurrency": config.max_concurrent_tasks,
+            "capabilities": list(config.capabilities),
+            "version": VERSION,
+            **sysinfo.describe(),
+        }
+
+    async def _writer(self, ws: ClientConnection, outbound: asyncio.Queue[bytes]) -> None:
+        while True:
+            data = await outbound.get()
+            try:
+                await ws.send(data)
+            except ConnectionClosed:
+                if data[0] == Kind.RESULTS:
+                    self._outbox.append(data)
+                return
+
+    def _salvage(self, outbound: asyncio.Queue[bytes] | None) -> None:
+        """Keep unsent results for the next connection; drop everything else."""
+        while outbound is not None and not outbound.empty():
+            data = outbound.get_nowait()
+            if data[0] == Kind.RESULTS:
+                self._outbox.append(data)
+
+    async def _heartbeats(self, ws: ClientConnection) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            silent = time.monotonic() - self._last_heard
+            if silent > self._heartbeat_timeout:
+                log.warning("foreman silent for %.0fs: dropping the connection", silent)
+                ws.transport.abort()
+                return
+            self._send(protocol.encode(Kind.HEARTBEAT, self._heartbeat()))
+
+    def _heartbeat(self) -> dict[str, Any]:
+        executor = self.executor
+        return {"status": self.status, "running": executor.busy if executor else 0,
+                "queued": len(executor.pending) if executor else 0,
+                "tasks_completed": self.stats.tasks_completed}
+
+    def _send(self, data: bytes) -> None:
+        if self._outbound is not None:
+            self._outbound.put_nowait(data)
+        elif data[0] == Kind.RESULTS:
+            self._outbox.append(data)
+
+    # -- messages from the foreman ---------------------------------------------------------------------------
+
+    def _handle(self, msg: protocol.Message) -> None:
+        kind, header = msg.kind, msg.header
+        if kind is Kind.TASKS:
+            job = self._jobs.get(header["job"])
+            if job is None:
+                raise ProtocolError(f"TASKS for job {header['job']} arrived before its JOB")
+            digest, function, call = job
+            assert self.executor is not None
+            self.executor.submit(WorkItem(header["job"], header["start"], header["count"], digest, function, call,
+                                          bytes(msg.payload), self._session))
+        elif kind is Kind.JOB:
+            self._jobs[header["job"]] = (header["digest"], bytes(msg.payload), header["call"])
+        elif kind is Kind.CANCEL:
+            assert self.executor is not None
+            self.executor.stop_items(protocol.STATUS_CANCELLED, header["job"], header.get("start"))
+        elif kind is Kind.JOB_DONE:
+            self._jobs.pop(header["job"], None)
+        elif kind is Kind.RESTART:
+            asyncio.ensure_future(self.restart())
+        elif kind is Kind.DRAIN:
+            asyncio.ensure_future(self.drain())
+        elif kind is not Kind.HEARTBEAT:
+            raise ProtocolError(f"unexpected {kind.name} from the foreman")
+
+    # -- results ---------------------------------------------------------------------------------------------
+
+    def _on_outcome(self, outcome: Outcome) -> None:
+        """Called on the loop for each finished batch."""
+        stats = self.stats
+        if outcome.status == protocol.STATUS_OK:
+            stats.tasks_completed += outcome.item.count - outcome.failed
+            stats.tasks_failed += outcome.failed
+            stats.total_execution_time += outcome.elapsed
+        elif outcome.status == protocol.STATUS_CRASHED:
+            stats.tasks_failed += outcome.item.count
+            log.warning("batch %s/%s: %s", outcome.item.job_id, outcome.item.start, outcome.error)
+        if outcome.status == protocol.STATUS_CANCELLED:
+            return  # the foreman asked for it and has already moved on
+        if outcome.status == protocol.STATUS_RETURNED and outcome.item.session != self._session:
+            return  # the foreman requeued it when that connection closed
+        self._send_outcome(outcome)
+
+    def _send_outcome(self, outcome: Outcome) -> None:
+        item = outcome.item
+        header = {"job": item.job_id, "start": item.start, "count": item.count, "status": outcome.status,
+                  "elapsed": outcome.elapsed, "failed": outcome.failed}
+        if outcome.error:
+            header["error"] = outcome.error
+        payload = outcome.payload
+        if len(payload) + protocol.MAX_HEADER_SIZE > self.config.max_message_size:
+            header["status"] = protocol.STATUS_CRASHED
+            header["error"] = (f"the batch's results pickle to {len(payload)} bytes, over the "
+                               f"{self.config.max_message_size}-byte message limit")
+            payload = b""
+        self._send(protocol.encode(Kind.RESULTS, header, payload))
+
+    # -- process plumbing ------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # Windows, or not the main thread: Ctrl-C raises KeyboardInterrupt instead
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s received: draining (send it again to stop at once)", signal.Signals(sig).name)
+            asyncio.ensure_future(self.drain())
+        else:
+            self.stop()
+
+    async def _watch_parent(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if os.getppid() != self.config.parent_pid:
+                log.info("parent process %s is gone: stopping", self.config.parent_pid)
+                self.stop()
+                return
+
+
+def _raise_if_refused(exc: ConnectionClosed) -> None:
+    if exc.rcvd is not None:
+        _raise_if_refused_code(exc.rcvd.code, exc.rcvd.reason)
+
+
+def _raise_if_refused_code(code: int, reason: str) -> None:
+    if code == CloseCode.AUTH_FAILED:
+        raise FatalConnectionError(str(AuthenticationError(f"the foreman refused this worker: {reason}")))
+    if code == CloseCode.VERSION_MISMATCH:
+        raise FatalConnectionError(str(VersionMismatchError(f"the foreman refused this worker: {reason}")))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionClosed):
+        frame = exc.rcvd or exc.sent
+        return f"connection closed ({frame.code} {frame.reason})" if frame else "connection lost"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
