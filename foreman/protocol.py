@@ -139,8 +139,8 @@ def decode(data: bytes | bytearray | memoryview | str, max_size: int = DEFAULT_M
     view = memoryview(data)
     try:
         header = json.loads(bytes(view[_PREFIX.size:end]))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"{kind.name} header is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{kind.name} header is not valid JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"{kind.name} header must be a JSON object, not {type(header).__name__}")
     for field, expected in SCHEMAS[kind].items():

@@ -295,6 +295,8 @@ class Scheduler:
         job.live.clear()
         job.queue.clear()
         job.suspects.clear()
+        if job_id in self._runnable:
+            self._runnable.remove(job_id)
         return running
 
     def forget_job(self, job_id: int) -> list[str]:
@@ -379,16 +381,16 @@ class Scheduler:
         it gets nothing new until it has emptied, then takes a suspect. Without this, a steady stream of
         ordinary batches could keep every worker busy and the suspects waiting forever.
         """
+        eligible = [self.jobs[j] for j in self._runnable if self.jobs[j].env == worker.env]
+        waiting = [job for job in eligible if job.suspects]
         if worker.id == self._reserved:
-            if worker.batches:
+            if worker.batches and waiting:
                 return None
             self._reserved = None
-        eligible = [self.jobs[j] for j in self._runnable if self.jobs[j].env == worker.env]
         if not worker.batches:
-            for job in eligible:
-                if job.suspects:
-                    return self._pop(job, job.suspects)
-        elif self._reserved is None and any(job.suspects for job in eligible):
+            for job in waiting:
+                return self._pop(job, job.suspects)
+        elif self._reserved is None and waiting and not self._idle_worker_for(waiting[0].env):
             self._reserved = worker.id
             return None
         for job in eligible:
@@ -397,6 +399,9 @@ class Scheduler:
                 self._runnable.append(job.id)  # round-robin: this job goes to the back
                 return self._pop(job, job.queue)
         return None
+
+    def _idle_worker_for(self, env: str) -> bool:
+        return any(not w.batches and not w.draining and w.env == env for w in self.workers.values())
 
     def _pop(self, job: Job, queue: deque[Batch]) -> Batch:
         batch = queue.popleft()

@@ -1,0 +1,62 @@
+"""Task functions used by the tests. Workers import this module by reference (it is on their PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def whoami(x: int) -> tuple[int, int]:
+    """(x, pid of the worker process running this task's child)."""
+    return x, os.getppid()
+
+
+def slow_whoami(x: int, seconds: float = 0.005) -> tuple[int, int]:
+    time.sleep(seconds)
+    return x, os.getppid()
+
+
+def sleep_then(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+class CustomError(Exception):
+    pass
+
+
+def boom(x: int) -> int:
+    if x == 3:
+        raise CustomError(f"bad input {x}")
+    return x
+
+
+def kill_my_worker(x: int) -> int:
+    """A poison task: kills the worker process that runs it."""
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(10)
+    return x
+
+
+def crash_child(x: int) -> int:
+    """Kills only the task process (like a segfault in a C extension)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def return_lock(x: int) -> object:
+    return threading.Lock()
+
+
+def exit_task(x: int) -> int:
+    raise SystemExit(3)
