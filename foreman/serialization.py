@@ -80,9 +80,12 @@ def split_payload(payload: bytes, count: int) -> list[bytes]:
 ErrorEntry = tuple[bytes | None, str, str, str]
 
 
-def error_entry(exc: BaseException) -> ErrorEntry:
-    """Capture an exception raised by a task, on the worker."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+def error_entry(exc: BaseException, skip_frames: int = 0) -> ErrorEntry:
+    """Capture an exception raised by a task, on the worker, leaving out ``skip_frames`` of our own frames."""
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
     try:
         data: bytes | None = cloudpickle.dumps(exc, protocol=PICKLE_PROTOCOL)
     except Exception:

@@ -41,7 +41,7 @@ def run_batch(fn: Any, call: str, items: list[Any]) -> tuple[list[Any], dict[int
             else:
                 append(fn(*item[0], **item[1]))
         except BaseException as exc:  # noqa: BLE001 - SystemExit in a task must not end the child
-            errors[len(results)] = error_entry(exc)
+            errors[len(results)] = error_entry(exc, skip_frames=1)
             append(None)
     return results, errors
 
