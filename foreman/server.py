@@ -212,7 +212,7 @@ class ForemanServer:
         if old is not None:
             log.warning("worker %s reconnected: replacing its old connection", worker_id)
             self._drop(old, lost=True)
-            old.ws.transport.abort()
+            _close_soon(old.ws, CloseCode.REPLACED, "replaced by a new connection of the same worker id")
         peer = Peer(worker_id, ws, hello)
         self.peers[worker_id] = peer
         self.scheduler.add_worker(worker_id, hello["concurrency"], _env_of(hello))
@@ -340,12 +340,17 @@ class ForemanServer:
                 continue
             log.warning("worker %s silent for %.0fs: declared lost", worker_id, self.heartbeat_timeout)
             self._drop(peer, lost=True)
-            peer.ws.transport.abort()
+            _close_soon(peer.ws, CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat within the timeout")
         for job in self.scheduler.jobs.values():
             if job.has_queued and job.id not in self._waiting_logged and time.monotonic() - job.created > 5:
                 if not any(w.env == job.env for w in self.scheduler.workers.values()):
                     self._waiting_logged.add(job.id)
                     log.warning("job %s is waiting: no connected worker runs %s", job.id, job.env)
+
+
+def _close_soon(ws: ServerConnection, code: int, reason: str) -> None:
+    """Close without waiting: a silent peer may never answer the close handshake (close_timeout bounds it)."""
+    asyncio.ensure_future(ws.close(code, reason))
 
 
 def _env_of(hello: dict[str, Any]) -> str:
