@@ -3,11 +3,15 @@
 Requests (from the parent, by ``Connection.send``):
 ``(digest, function bytes or None, call style, number of tasks, payload)``.
 Replies (``send_bytes``): ``b"N"`` when the function for ``digest`` must be sent again, or
-``b"R" + <u32 number of failed tasks> + <pickled results and errors>``.
+``b"R" + <u32 n> + <n bytes: JSON summary of failed tasks, empty when none> + <pickled results and errors>``.
+The summary (``{"failed": count, "errors": [[index, type, message], ...]}``, at most :data:`MAX_ERRORS_SUMMARY`
+entries) lets the foreman list failures without unpickling anything.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import pickle
 import signal
@@ -23,6 +27,9 @@ from foreman.serialization import ErrorEntry, dumps_results, error_entry
 
 #: Functions kept unpickled per child; older ones are dropped and asked for again if needed.
 FUNCTION_CACHE_SIZE = 32
+
+#: Failed tasks described in a batch's JSON summary; the rest are only counted.
+MAX_ERRORS_SUMMARY = 20
 
 _COUNT = struct.Struct(">I")
 
@@ -71,7 +78,14 @@ def child_main(conn: Connection, parent_pid: int) -> None:
             results, errors = [None] * count, {i: failure.entry for i in range(count)}
         else:
             results, errors = run_batch(fn, call, items)
-        conn.send_bytes(b"R" + _COUNT.pack(len(errors)) + dumps_results(results, errors))
+        summary = _summarise(errors) if errors else b""
+        conn.send_bytes(b"R" + _COUNT.pack(len(summary)) + summary + dumps_results(results, errors))
+
+
+def _summarise(errors: dict[int, ErrorEntry]) -> bytes:
+    described = [[index, type_name, message[:300]]
+                 for index, (_, type_name, message, _) in itertools.islice(errors.items(), MAX_ERRORS_SUMMARY)]
+    return json.dumps({"failed": len(errors), "errors": described}).encode()
 
 
 class _LoadFailure:

@@ -8,6 +8,7 @@ slot reports it and starts a new one); a batch to be cancelled is stopped by kil
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import os
@@ -56,6 +57,7 @@ class Outcome:
     failed: int = 0  # tasks that raised
     elapsed: float = 0.0
     error: str = ""
+    errors: list[list[Any]] = field(default_factory=list)  # [index, type, message] of failed tasks (capped)
 
 
 class Executor:
@@ -194,8 +196,10 @@ class _Slot:
         except (EOFError, OSError, BrokenPipeError):
             return self._died(item)
         elapsed = time.monotonic() - item.started
-        failed = _COUNT.unpack_from(reply, 1)[0]
-        return Outcome(item, STATUS_OK, reply[1 + _COUNT.size:], failed, elapsed)
+        size = _COUNT.unpack_from(reply, 1)[0]
+        start = 1 + _COUNT.size
+        summary = json.loads(reply[start:start + size]) if size else {"failed": 0, "errors": []}
+        return Outcome(item, STATUS_OK, reply[start + size:], summary["failed"], elapsed, errors=summary["errors"])
 
     def _ask(self, item: WorkItem, child_has_function: bool) -> bytes:
         assert self.conn is not None

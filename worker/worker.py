@@ -371,6 +371,8 @@ class Worker:
                   "elapsed": outcome.elapsed, "failed": outcome.failed}
         if outcome.error:
             header["error"] = outcome.error
+        if outcome.errors:
+            header["errors"] = outcome.errors
         payload = outcome.payload
         if len(payload) + protocol.MAX_HEADER_SIZE > self.config.max_message_size:
             header["status"] = protocol.STATUS_CRASHED
