@@ -114,7 +114,7 @@ class Foreman:
         limit = self._server.max_message_size - protocol.MAX_HEADER_SIZE
         ((_, _, payload),) = _pickle_fitting([(args, kwargs)], 0, limit)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        SubmittedTask(self, future, digest, function, payload)
+        SubmittedTask(self, future, digest, function, payload, getattr(fn, "__qualname__", repr(fn)))
         return future
 
     def executor(self) -> ForemanExecutor:

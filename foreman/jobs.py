@@ -100,7 +100,7 @@ class Job:
         self._finished = False
         self._abort_error: BaseException | None = None
         self.tasks_done = 0
-        self.id: int = foreman._call(foreman._server.add_job, digest, function, call, self)
+        self.id: int = foreman._call(foreman._server.add_job, digest, function, call, self, self.name, self.total)
         self._feeder = threading.Thread(target=self._feed, name=f"crowdcompute-feeder-{self.id}", daemon=True)
         self._feeder.start()
         self._iterator = self._iterate()
@@ -250,14 +250,14 @@ class SubmittedTask:
     """One ``submit()`` call: a job of a single task, resolved into a concurrent.futures.Future."""
 
     def __init__(self, foreman: Foreman, future: concurrent.futures.Future[Any], digest: str, function: bytes,
-                 payload: bytes) -> None:
+                 payload: bytes, name: str) -> None:
         self._foreman = foreman
         self.future = future
         self.id = 0
         server = foreman._server
 
         def register() -> None:
-            self.id = server.add_job(digest, function, protocol.CALL_FULL, self)
+            self.id = server.add_job(digest, function, protocol.CALL_FULL, self, name, 1)
             server.add_batch(self.id, 0, 1, payload)
             server.close_input(self.id)
 

@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from foreman import protocol
 from foreman.errors import ForemanClosedError, ProtocolError, TaskLostError
+from foreman.fleet import Fleet
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
 from foreman.serialization import ENV_FINGERPRINT
@@ -99,6 +100,9 @@ class ForemanServer:
         self._ticker: asyncio.Task[None] | None = None
         self._waiting_logged: set[int] = set()
         self.closing = False
+        self.fleet = Fleet()
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     @property
     def capacity(self) -> int:
@@ -132,9 +136,11 @@ class ForemanServer:
 
     # -- jobs (called on the loop by the client layer) --------------------------------------------------------
 
-    def add_job(self, digest: str, function: bytes, call: str, sink: JobSink) -> int:
+    def add_job(self, digest: str, function: bytes, call: str, sink: JobSink, name: str = "?",
+                total: int | None = None) -> int:
         job = self.scheduler.add_job(ENV_FINGERPRINT)
         self.jobs[job.id] = _JobRecord(job.id, digest, function, call, sink)
+        self.fleet.job_added(time.time(), job.id, name, total)
         return job.id
 
     def add_batch(self, job_id: int, start: int, count: int, payload: bytes) -> None:
@@ -147,16 +153,26 @@ class ForemanServer:
             self.scheduler.close_input(job_id)
             self._maybe_finish(job_id)
 
-    def cancel_job(self, job_id: int) -> None:
-        """Queued tasks never run; running ones are killed on their workers."""
+    def cancel_job(self, job_id: int) -> bool:
+        """Queued tasks never run; running ones are killed on their workers. False if no such running job."""
         if job_id not in self.jobs:
-            return
+            return False
         for worker_id, batch in self.scheduler.cancel_job(job_id):
             peer = self.peers.get(worker_id)
             if peer is not None:
                 peer.send(protocol.encode(Kind.CANCEL, {"job": job_id, "start": batch.start}))
         self._maybe_finish(job_id)
         self._pump()
+        return True
+
+    def restart_worker(self, worker_id: str, hard: bool = False) -> bool:
+        """Relay a restart to a worker over its own connection (works behind NAT). False if not connected."""
+        peer = self.peers.get(worker_id)
+        if peer is None:
+            return False
+        peer.send(protocol.encode(Kind.RESTART, {"hard": hard}))
+        self.fleet.event(time.time(), "restart", f"restart{' (hard)' if hard else ''} sent to worker {worker_id}")
+        return True
 
     # -- connections -----------------------------------------------------------------------------------------
 
@@ -165,20 +181,24 @@ class ForemanServer:
         if peer is None:
             return
         writer = asyncio.create_task(self._writer(peer))
-        lost = True
+        lost, reason = True, "connection lost"
         try:
             async for data in ws:
+                self.bytes_in += len(data)
                 self.scheduler.touch(peer.worker_id)
                 self._on_message(peer, protocol.decode(data, self.max_message_size))
             lost = not (ws.close_code == CloseCode.NORMAL or peer.leaving or self.closing)
+            reason = _close_description(ws)
         except ProtocolError as exc:
             log.warning("worker %s sent a bad message, closing: %s", peer.worker_id, exc)
+            reason = f"protocol error: {exc}"
             await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
         except ConnectionClosed:
             lost = not self.closing
+            reason = _close_description(ws)
         finally:
             writer.cancel()
-            self._drop(peer, lost)
+            self._drop(peer, lost, reason)
 
     async def _handshake(self, ws: ServerConnection) -> Peer | None:
         address = ws.remote_address
@@ -211,11 +231,12 @@ class ForemanServer:
         old = self.peers.get(worker_id)
         if old is not None:
             log.warning("worker %s reconnected: replacing its old connection", worker_id)
-            self._drop(old, lost=True)
+            self._drop(old, lost=True, reason="replaced by a new connection")
             _close_soon(old.ws, CloseCode.REPLACED, "replaced by a new connection of the same worker id")
         peer = Peer(worker_id, ws, hello)
         self.peers[worker_id] = peer
         self.scheduler.add_worker(worker_id, hello["concurrency"], _env_of(hello))
+        self.fleet.worker_joined(time.time(), worker_id, hello, _format_address(address))
         await ws.send(protocol.encode(Kind.WELCOME, {
             "session": self.session, "heartbeat_interval": self.heartbeat_interval,
             "heartbeat_timeout": self.heartbeat_timeout, "max_message_size": self.max_message_size}))
@@ -232,21 +253,26 @@ class ForemanServer:
     async def _writer(self, peer: Peer) -> None:
         while True:
             data = await peer.outbound.get()
+            self.bytes_out += len(data)
             try:
                 await peer.ws.send(data)
             except ConnectionClosed:
                 return
 
-    def _drop(self, peer: Peer, lost: bool) -> None:
+    def _drop(self, peer: Peer, lost: bool, reason: str) -> None:
         if self.peers.get(peer.worker_id) is not peer:
             return  # already replaced or dropped
         del self.peers[peer.worker_id]
+        held = len(self.scheduler.workers[peer.worker_id].batches)
         failures = self.scheduler.remove_worker(peer.worker_id, lost)
+        now = time.time()
+        self.fleet.worker_left(now, peer.worker_id, lost, reason)
         if lost:
-            log.warning("worker %s lost (close code %s); its tasks are reassigned", peer.worker_id,
-                        peer.ws.close_code)
+            log.warning("worker %s lost (%s); its %s batches are reassigned", peer.worker_id, reason, held)
         else:
-            log.info("worker %s left", peer.worker_id)
+            log.info("worker %s left (%s)", peer.worker_id, reason)
+        if held:
+            self.fleet.event(now, "reassign", f"{held} batches of worker {peer.worker_id} requeued")
         self._report_failures(failures)
         self._pump()
 
@@ -257,6 +283,7 @@ class ForemanServer:
         if kind is Kind.RESULTS:
             self._on_results(peer, header, msg.payload)
         elif kind is Kind.HEARTBEAT:
+            self.fleet.worker_heard(time.time(), peer.worker_id, header.get("status"))
             peer.send(protocol.encode(Kind.HEARTBEAT))
         elif kind is Kind.DRAIN:
             peer.leaving = True
@@ -275,7 +302,13 @@ class ForemanServer:
                 for other in done.cancel_on:
                     if other in self.peers:
                         self.peers[other].send(protocol.encode(Kind.CANCEL, {"job": job_id, "start": start}))
-                record.sink.deliver(start, count, payload, float(header["elapsed"]))
+                elapsed = float(header["elapsed"])
+                failed = header.get("failed", 0)
+                failed = failed if type(failed) is int and 0 <= failed <= count else 0
+                errors = header.get("errors", [])
+                self.fleet.batch_done(time.time(), peer.worker_id, job_id, start, count, elapsed, failed,
+                                      errors if isinstance(errors, list) else [])
+                record.sink.deliver(start, count, payload, elapsed)
                 self._maybe_finish(job_id)
         elif status == protocol.STATUS_CRASHED:
             reason = f"{header.get('error', 'the task process died')} on worker {peer.worker_id}"
@@ -291,6 +324,7 @@ class ForemanServer:
             record = self.jobs.get(batch.job_id)
             if record is not None:
                 log.error("%s", failure.reason)
+                self.fleet.task_lost(time.time(), batch.job_id, batch.start, batch.count, failure.reason)
                 record.sink.fail(batch.start, batch.count, TaskLostError(failure.reason))
                 self._maybe_finish(batch.job_id)
 
@@ -300,6 +334,7 @@ class ForemanServer:
             return
         record = self.jobs.pop(job_id)
         self._waiting_logged.discard(job_id)
+        self.fleet.job_finished(time.time(), job_id, job.cancelled)
         for worker_id in self.scheduler.forget_job(job_id):
             peer = self.peers.get(worker_id)
             if peer is not None:
@@ -333,24 +368,40 @@ class ForemanServer:
             self.tick()
 
     def tick(self) -> None:
-        """Declare silent workers lost and say why waiting jobs wait."""
+        """Declare silent workers lost, sample activity, and say why waiting jobs wait."""
+        self.fleet.sample(time.time())
         for worker_id in self.scheduler.expired():
             peer = self.peers.get(worker_id)
             if peer is None:
                 continue
             log.warning("worker %s silent for %.0fs: declared lost", worker_id, self.heartbeat_timeout)
-            self._drop(peer, lost=True)
+            self._drop(peer, lost=True, reason=f"no heartbeat for {self.heartbeat_timeout:g}s")
             _close_soon(peer.ws, CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat within the timeout")
         for job in self.scheduler.jobs.values():
             if job.has_queued and job.id not in self._waiting_logged and time.monotonic() - job.created > 5:
                 if not any(w.env == job.env for w in self.scheduler.workers.values()):
                     self._waiting_logged.add(job.id)
-                    log.warning("job %s is waiting: no connected worker runs %s", job.id, job.env)
+                    message = f"job {job.id} is waiting: no connected worker runs {job.env}"
+                    log.warning("%s", message)
+                    self.fleet.event(time.time(), "waiting", message)
 
 
 def _close_soon(ws: ServerConnection, code: int, reason: str) -> None:
     """Close without waiting: a silent peer may never answer the close handshake (close_timeout bounds it)."""
     asyncio.ensure_future(ws.close(code, reason))
+
+
+def _close_description(ws: ServerConnection) -> str:
+    if ws.close_code is None:
+        return "connection lost"
+    return f"closed with code {ws.close_code}" + (f": {ws.close_reason}" if ws.close_reason else "")
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
 
 
 def _env_of(hello: dict[str, Any]) -> str:
