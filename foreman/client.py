@@ -37,15 +37,20 @@ class Foreman:
     :param heartbeat_timeout: a worker silent this long is declared lost and its tasks are reassigned.
     :param max_message_size: largest message in either direction; bounds memory per connection.
     :param max_task_losses: a task in flight on this many workers that died in a row fails as poison.
+    :param dashboard: serve the fleet dashboard, JSON API and metrics over HTTP (see :attr:`dashboard_url`).
+    :param http_port: the dashboard's port; default ``port + 1`` (any free port when ``port`` is 0).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
                  local_workers: int = 0, heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
-                 max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3) -> None:
+                 max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3,
+                 dashboard: bool = True, http_port: int | None = None) -> None:
         if local_workers < 0:
             raise ValueError("local_workers must be >= 0")
+        if dashboard and http_port is None:
+            http_port = port + 1 if port else 0
         self._server = ForemanServer(host, port, token, heartbeat_interval, heartbeat_timeout, max_message_size,
-                                     max_task_losses)
+                                     max_task_losses, http_port if dashboard else None)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)
         self._thread.start()
@@ -61,9 +66,13 @@ class Foreman:
     @property
     def address(self) -> str:
         """The ``ws://host:port`` address workers dial."""
-        host = self._server.host
-        host = f"[{host}]" if ":" in host else host
-        return f"ws://{host}:{self._server.port}"
+        return self._server.address
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The ``http://`` address of the fleet dashboard and JSON API, or None when disabled."""
+        http = self._server.http
+        return http.url if http is not None else None
 
     @property
     def workers(self) -> list[str]:
@@ -81,28 +90,29 @@ class Foreman:
     # -- the job API -----------------------------------------------------------------------------------------
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
-            timeout: float | None = None) -> list[Any]:
+            timeout: float | None = None, progress: bool = False) -> list[Any]:
         """``[fn(*args) for args in zip(*iterables)]``, computed by the fleet, in input order.
 
         Raises the first failing task's exception (with its remote traceback) once that result is reached.
+        ``progress=True`` shows a tqdm progress bar (terminal or notebook).
         """
-        job = self.imap(fn, *iterables, chunksize=chunksize, timeout=timeout)
+        job = self.imap(fn, *iterables, chunksize=chunksize, timeout=timeout, progress=progress)
         try:
             return list(job)
         finally:
             job.close()
 
     def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
-             timeout: float | None = None) -> Job:
+             timeout: float | None = None, progress: bool = False) -> Job:
         """A lazy iterator of results in input order; the input is consumed only as fast as results are."""
         self._check_open()
-        return Job(self, fn, iterables, chunksize, ordered=True, timeout=timeout)
+        return Job(self, fn, iterables, chunksize, ordered=True, timeout=timeout, progress=progress)
 
     def imap_unordered(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
-                       timeout: float | None = None) -> Job:
+                       timeout: float | None = None, progress: bool = False) -> Job:
         """Like :meth:`imap`, yielding results as they complete."""
         self._check_open()
-        return Job(self, fn, iterables, chunksize, ordered=False, timeout=timeout)
+        return Job(self, fn, iterables, chunksize, ordered=False, timeout=timeout, progress=progress)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Run ``fn(*args, **kwargs)`` on a worker; returns a standard Future.

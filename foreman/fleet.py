@@ -146,7 +146,7 @@ class Fleet:
         if record is None:
             return
         record.finished_at = now
-        record.state = "cancelled" if cancelled else ("failed" if record.failed else "done")
+        record.state = "failed" if record.failed else ("cancelled" if cancelled else "done")
         if record.total is None or cancelled:
             record.total = record.total if cancelled else record.done + record.failed
         self.finished_jobs.append(record)

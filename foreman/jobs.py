@@ -76,7 +76,8 @@ class Job:
     """A running ``map``: iterate it for results; ``cancel()`` stops it. Returned by ``Foreman.imap``."""
 
     def __init__(self, foreman: Foreman, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
-                 chunksize: int | None = None, ordered: bool = True, timeout: float | None = None) -> None:
+                 chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
+                 progress: bool = False) -> None:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         digest, function = dumps_function(fn)
@@ -103,6 +104,7 @@ class Job:
         self.id: int = foreman._call(foreman._server.add_job, digest, function, call, self, self.name, self.total)
         self._feeder = threading.Thread(target=self._feed, name=f"crowdcompute-feeder-{self.id}", daemon=True)
         self._feeder.start()
+        self._progress = progress
         self._iterator = self._iterate()
 
     # -- the user's side -------------------------------------------------------------------------------------
@@ -135,6 +137,7 @@ class Job:
         buffered: dict[int, tuple[int, Any, BaseException | None]] = {}
         next_index = 0
         finished = False
+        bar = _progress_bar(self.name, self.total) if self._progress else None
         try:
             while True:
                 if self._ordered:
@@ -160,6 +163,8 @@ class Job:
                     continue
                 count, payload, error = entry
                 self._consumed()
+                if bar is not None:
+                    bar.update(count)
                 if error is not None:
                     raise error
                 results, errors = loads_results(payload)
@@ -172,6 +177,8 @@ class Job:
                     yield from results
                 next_index += count
         finally:
+            if bar is not None:
+                bar.close()
             if not self._finished:
                 self.cancel()
 
@@ -302,6 +309,12 @@ class SubmittedTask:
             self.future.set_exception(value)
         else:
             self.future.set_result(value)
+
+
+def _progress_bar(name: str, total: int | None) -> Any:
+    from tqdm.auto import tqdm  # terminal or notebook, whichever this is
+
+    return tqdm(total=total, desc=name, unit="task", dynamic_ncols=True)
 
 
 def _known_length(iterable: Iterable[Any]) -> int | None:

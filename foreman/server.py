@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
 from websockets.exceptions import ConnectionClosed
 
 from foreman import protocol
@@ -24,6 +27,9 @@ from foreman.fleet import Fleet
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
 from foreman.serialization import ENV_FINGERPRINT
+
+if TYPE_CHECKING:
+    from foreman.http import HttpServer
 
 log = logging.getLogger("crowdcompute.foreman")
 
@@ -79,11 +85,14 @@ class ForemanServer:
     :param heartbeat_timeout: a worker silent this long is declared lost and its tasks reassigned.
     :param max_message_size: largest frame accepted from a peer; bounds memory per connection.
     :param max_task_losses: see :class:`~foreman.scheduler.Scheduler`.
+    :param http_port: serve the dashboard, JSON API and metrics on this port (0: any free one); None: no HTTP.
+        A browser that opens the WebSocket port is redirected there.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
-                 max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3) -> None:
+                 max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3,
+                 http_port: int | None = None) -> None:
         if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         self.host = host
@@ -92,6 +101,8 @@ class ForemanServer:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size
+        self.http_port = http_port
+        self.http: HttpServer | None = None
         self.scheduler = Scheduler(time.monotonic, heartbeat_timeout, max_task_losses=max_task_losses)
         self.peers: dict[str, Peer] = {}
         self.jobs: dict[int, _JobRecord] = {}
@@ -105,17 +116,36 @@ class ForemanServer:
         self.bytes_out = 0
 
     @property
-    def capacity(self) -> int:
-        """Batches the connected workers can hold at once (running plus prefetched)."""
-        return sum(w.capacity for w in self.scheduler.workers.values())
+    def address(self) -> str:
+        """The ``ws://host:port`` address workers dial."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
 
     async def start(self) -> None:
         self._server = await serve(self._handle, self.host, self.port, max_size=self.max_message_size,
                                    compression=None, ping_interval=None, open_timeout=HANDSHAKE_TIMEOUT,
-                                   close_timeout=2)
+                                   close_timeout=2, process_request=self._plain_http)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = asyncio.create_task(self._tick_forever())
-        log.info("foreman listening on ws://%s:%s", self.host, self.port)
+        log.info("foreman listening on %s", self.address)
+        if self.http_port is not None:
+            http = await asyncio.to_thread(importlib.import_module, "foreman.http")  # FastAPI imports slowly
+            self.http = http.HttpServer(self, self.host, self.http_port, self.token)
+            self.http.start()
+            log.info("dashboard at %s", self.http.url)
+
+    def _plain_http(self, connection: ServerConnection, request: Request) -> Response | None:
+        """A browser opening the WebSocket address is sent to the dashboard."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        if self.http is None:
+            return connection.respond(HTTPStatus.UPGRADE_REQUIRED,
+                                      "CrowdCompute foreman: workers connect here over WebSocket.\n")
+        host = request.headers.get("Host", self.host).rsplit(":", 1)[0]
+        location = f"http://{host}:{self.http.port}{request.path}"
+        response = connection.respond(HTTPStatus.FOUND, f"The dashboard is at {location}\n")
+        response.headers["Location"] = location
+        return response
 
     def abort_jobs(self) -> None:
         """Fail every unfinished job with ForemanClosedError and stop its tasks on the workers."""
@@ -128,6 +158,8 @@ class ForemanServer:
         if self._ticker is not None:
             self._ticker.cancel()
         self.abort_jobs()
+        if self.http is not None:
+            await self.http.close()
         if self._server is not None:
             self._server.close(close_connections=False)
             for peer in list(self.peers.values()):

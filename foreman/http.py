@@ -1,0 +1,242 @@
+"""The foreman's HTTP side: the fleet dashboard, the JSON API, health and Prometheus metrics.
+
+A FastAPI app served by uvicorn on the foreman's own event loop, so handlers read the server's state directly.
+Imported only when the dashboard is enabled: a worker never imports it.
+
+Access: with no token, everything is open (keep the foreman on loopback then). With a token, control endpoints
+(restart, cancel) always need it, and so does everything else for clients that are not on loopback. The token
+is accepted as ``Authorization: Bearer <token>``, or as the cookie set by the ``login`` form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+import dashboard
+from foreman import views
+from foreman.fleet import DURATION_BUCKETS
+
+if TYPE_CHECKING:
+    from foreman.server import ForemanServer
+
+log = logging.getLogger("crowdcompute.foreman")
+
+COOKIE = "crowdcompute_token"
+#: Seconds between live snapshots pushed to dashboard pages.
+PUSH_INTERVAL = 1.0
+
+
+def create_app(server: ForemanServer, token: str | None) -> FastAPI:
+    app = FastAPI(title="CrowdCompute foreman", docs_url="/api/docs", openapi_url="/api/openapi.json",
+                  redoc_url=None)
+    templates = dashboard.templates()
+    registry = CollectorRegistry()
+    registry.register(_Metrics(server))
+
+    def authorized(request: Request | WebSocket) -> bool:
+        if token is None:
+            return True
+        offered = request.cookies.get(COOKIE) or ""
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            offered = header[7:].strip()
+        return hmac.compare_digest(offered.encode(), token.encode())
+
+    def may_read(request: Request | WebSocket) -> bool:
+        return token is None or _is_loopback(request.client.host if request.client else "") or authorized(request)
+
+    def require_read(request: Request) -> None:
+        if not may_read(request):
+            raise HTTPException(401, "this foreman needs its token: send 'Authorization: Bearer <token>' "
+                                     "or log in at /login")
+
+    def require_control(request: Request) -> None:
+        if not authorized(request):
+            offered = request.headers.get("authorization") or request.cookies.get(COOKIE)
+            raise HTTPException(403 if offered else 401,
+                                "control endpoints need the foreman's token ('Authorization: Bearer <token>')")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(request: Request) -> Response:
+        if not may_read(request):
+            return RedirectResponse("login", status_code=303)
+        return templates.TemplateResponse(request, "foreman.html", {
+            "title": "CrowdCompute foreman", "address": server.address, "token_required": token is not None})
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    async def login_form(request: Request) -> Response:
+        return templates.TemplateResponse(request, "login.html", {"title": "Log in", "error": ""})
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        offered = parse_qs((await request.body()).decode(errors="replace")).get("token", [""])[0]
+        if token is None or not hmac.compare_digest(offered.encode(), token.encode()):
+            return templates.TemplateResponse(request, "login.html", {"title": "Log in", "error": "wrong token"},
+                                              status_code=401)
+        response = RedirectResponse("./", status_code=303)
+        response.set_cookie(COOKIE, offered, httponly=True, samesite="strict")
+        return response
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 while the foreman serves; says how many workers are connected."""
+        return JSONResponse({"status": "ok", "workers": len(server.peers), "jobs": len(server.jobs)})
+
+    @app.get("/api/workers")
+    async def list_workers(request: Request) -> list[dict[str, Any]]:
+        require_read(request)
+        return views.workers(server)
+
+    @app.get("/api/workers/{worker_id}")
+    async def get_worker(worker_id: str, request: Request) -> dict[str, Any]:
+        require_read(request)
+        record = server.fleet.known_worker(worker_id)
+        if record is None:
+            raise HTTPException(404, f"no worker {worker_id!r} is connected or remembered")
+        return views.worker_view(server, record)
+
+    @app.post("/api/workers/{worker_id}/restart")
+    async def restart_worker(worker_id: str, request: Request, hard: bool = False) -> dict[str, Any]:
+        require_control(request)
+        if not server.restart_worker(worker_id, hard):
+            raise HTTPException(404, f"no worker {worker_id!r} is connected")
+        return {"worker": worker_id, "restart": "hard" if hard else "soft", "sent": True}
+
+    @app.get("/api/jobs")
+    async def list_jobs(request: Request) -> list[dict[str, Any]]:
+        require_read(request)
+        return views.jobs(server)
+
+    @app.get("/api/jobs/{job_id}")
+    async def get_job(job_id: int, request: Request) -> dict[str, Any]:
+        require_read(request)
+        record = server.fleet.known_job(job_id)
+        if record is None:
+            raise HTTPException(404, f"no job {job_id} is running or remembered")
+        return views.job_view(server, record)
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: int, request: Request) -> dict[str, Any]:
+        require_control(request)
+        if not server.cancel_job(job_id):
+            known = server.fleet.known_job(job_id)
+            raise HTTPException(404 if known is None else 409,
+                                f"no job {job_id}" if known is None else f"job {job_id} already {known.state}")
+        return {"job": job_id, "cancelled": True}
+
+    @app.get("/api/status")
+    async def status(request: Request) -> dict[str, Any]:
+        """Everything the dashboard shows, as pushed on /ws."""
+        require_read(request)
+        return views.snapshot(server)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        require_read(request)
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.websocket("/ws")
+    async def live(ws: WebSocket) -> None:
+        if not may_read(ws):
+            await ws.close(code=4001, reason="token required")
+            return
+        await ws.accept()
+        try:
+            while True:
+                await ws.send_json(views.snapshot(server))
+                await asyncio.sleep(PUSH_INTERVAL)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC), name="static")
+    return app
+
+
+class HttpServer:
+    """uvicorn serving the app on the foreman's loop, on a socket bound up front (so port 0 and errors are
+    known at once)."""
+
+    def __init__(self, server: ForemanServer, host: str, port: int, token: str | None) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.socket.listen(128)
+        self.host = host
+        self.port: int = self.socket.getsockname()[1]
+        config = uvicorn.Config(create_app(server, token), log_level="warning", lifespan="off",
+                                access_log=False, ws_max_size=1 << 20)
+        self._uvicorn = uvicorn.Server(config)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._uvicorn.serve(sockets=[self.socket]))
+
+    async def close(self) -> None:
+        self._uvicorn.should_exit = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 5)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+        self.socket.close()
+
+
+class _Metrics:
+    """Prometheus collector computed at scrape time from the foreman's own counters (no hot-path cost)."""
+
+    def __init__(self, server: ForemanServer) -> None:
+        self.server = server
+
+    def collect(self) -> Any:
+        server, fleet = self.server, self.server.fleet
+        totals = views.totals(server)
+        tasks = CounterMetricFamily("crowdcompute_tasks", "Tasks finished, by outcome", labels=["state"])
+        tasks.add_metric(["done"], totals["tasks_done"])
+        tasks.add_metric(["failed"], totals["tasks_failed"])
+        yield tasks
+        yield GaugeMetricFamily("crowdcompute_tasks_queued", "Tasks waiting for a worker", totals["tasks_queued"])
+        running = sum(b.count for w in server.scheduler.workers.values() for b in w.batches.values())
+        yield GaugeMetricFamily("crowdcompute_tasks_running", "Tasks in flight on workers", running)
+        yield GaugeMetricFamily("crowdcompute_workers_connected", "Connected workers", totals["workers_connected"])
+        yield GaugeMetricFamily("crowdcompute_jobs_running", "Jobs not yet finished", totals["jobs_running"])
+        yield CounterMetricFamily("crowdcompute_reassignments", "Batches requeued after a worker was lost",
+                                  totals["reassigned"])
+        yield CounterMetricFamily("crowdcompute_duplicates_dropped", "Results dropped as duplicate or stale",
+                                  totals["duplicates_dropped"])
+        yield CounterMetricFamily("crowdcompute_workers_lost", "Workers declared lost", totals["workers_lost"])
+        traffic = CounterMetricFamily("crowdcompute_bytes", "WebSocket payload bytes", labels=["direction"])
+        traffic.add_metric(["in"], totals["bytes_in"])
+        traffic.add_metric(["out"], totals["bytes_out"])
+        yield traffic
+        buckets, cumulative = [], 0
+        for bound, count in zip(DURATION_BUCKETS, fleet.duration_buckets):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+        yield HistogramMetricFamily("crowdcompute_task_duration_seconds", "Task run time (batch mean per task)",
+                                    buckets=buckets, sum_value=fleet.duration_sum)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
