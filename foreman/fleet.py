@@ -36,7 +36,8 @@ class WorkerRecord:
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=120))
 
     def throughput(self, now: float, window: float = 60.0) -> float:
-        """Tasks per second over the last ``window`` seconds."""
+        """Tasks per second over the last ``window`` seconds (or since it connected, if sooner)."""
+        window = max(min(window, now - self.connected_at), 1.0)
         done = sum(count for when, count in self.recent if when >= now - window)
         return done / window
 

@@ -248,7 +248,8 @@ class Job:
     def started(self) -> None:
         pass
 
-    def finished(self) -> None:
+    def finished(self, cancelled: bool) -> None:
+        self._cancelled = self._cancelled or cancelled
         self._finished = True
         self._outcomes.put(_FINISHED)
 
@@ -299,8 +300,9 @@ class SubmittedTask:
         if not self.future.set_running_or_notify_cancel():
             self._foreman._server.cancel_job(self.id)
 
-    def finished(self) -> None:
-        pass
+    def finished(self, cancelled: bool) -> None:
+        if cancelled and not self.future.cancel():  # already running: it cannot be marked cancelled
+            self._settle(concurrent.futures.CancelledError(f"job {self.id} was cancelled"), failed=True)
 
     def _settle(self, value: Any, failed: bool) -> None:
         if self.future.done():

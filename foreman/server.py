@@ -48,7 +48,7 @@ class JobSink(Protocol):
 
     def started(self) -> None: ...
 
-    def finished(self) -> None: ...
+    def finished(self, cancelled: bool) -> None: ...
 
 
 @dataclass(eq=False)
@@ -371,7 +371,7 @@ class ForemanServer:
             peer = self.peers.get(worker_id)
             if peer is not None:
                 peer.send(protocol.encode(Kind.JOB_DONE, {"job": job_id}))
-        record.sink.finished()
+        record.sink.finished(job.cancelled)
 
     def _pump(self) -> None:
         """Send whatever the scheduler assigns now."""

@@ -73,3 +73,35 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.02) -> None
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it
+ARTIFACTS = TESTS / "artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember a failed test, so browser fixtures can save a screenshot."""
+    outcome = yield
+    if outcome.get_result().failed:
+        item.test_failed = True
+
+
+@pytest.fixture
+def browser_page(request):
+    """A page in headless Chromium (Playwright); saves a screenshot to tests/artifacts/ when the test fails."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        try:
+            yield page
+        finally:
+            if getattr(request.node, "test_failed", False):
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+            browser.close()

@@ -60,3 +60,20 @@ def return_lock(x: int) -> object:
 
 def exit_task(x: int) -> int:
     raise SystemExit(3)
+
+
+def touch(path: str, seconds: float = 0.0) -> str:
+    """Sleeps ``seconds``, then appends a line to the file at ``path``: a side effect proving the task ran."""
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"ran in {os.getpid()}\n")
+    return path
+
+
+def record_start(args: tuple[str, int]) -> int:
+    """Appends the task's index to a file as it starts, then sleeps: which tasks ever started?"""
+    path, index = args
+    with open(path, "a") as f:
+        f.write(f"{index}\n")
+    time.sleep(30)
+    return index
