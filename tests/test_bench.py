@@ -1,0 +1,30 @@
+"""The benchmark runs end to end with --quick (a smoke test: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, worker_env
+
+
+def test_quick_benchmark_prints_a_table_and_writes_json_lines(tmp_path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick",
+                           "--backends", "crowdcompute,multiprocessing", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=180, env=worker_env(), cwd=ROOT,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "| workload | CrowdCompute | multiprocessing.Pool |" in done.stdout, done.stdout
+    assert "trivial `inc` through `map`, tasks/s" in done.stdout
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records[0]["workload"] == "machine"
+    errors = [r for r in records if r["metric"] == "error"]
+    assert not errors, errors
+    measured = {(r["backend"], r["workload"]) for r in records[1:] if r["value"] is not None}
+    for workload in ("startup", "trivial", "roundtrip", "cpu", "payload"):
+        assert ("crowdcompute", workload) in measured
+        assert ("multiprocessing", workload) in measured
+    for workload in ("imap", "scaling", "fleet"):
+        assert ("crowdcompute", workload) in measured
