@@ -32,7 +32,8 @@ class LocalWorkers:
             index = len(self.processes)
             command = [sys.executable, "-m", "worker", self.address, "--concurrency", "1",
                        "--worker-id", f"local-{os.getpid()}-{index}", "--parent-pid", str(os.getpid()),
-                       "--heartbeat-interval", str(self.heartbeat_interval), "--log-level", "WARNING"]
+                       "--heartbeat-interval", str(self.heartbeat_interval), "--log-level", "WARNING",
+                       "--no-dashboard"]
             self.processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -11,8 +11,9 @@ import logging
 import os
 import sys
 
+from worker.config import WorkerConfig, default_worker_id
 from worker.sysinfo import cpu_count
-from worker.worker import FatalConnectionError, Worker, WorkerConfig, default_worker_id
+from worker.worker import FatalConnectionError, Worker
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m worker",
         description="Run a CrowdCompute worker: dial out to a foreman and run the tasks it sends.",
         epilog="Environment variables: CROWDCOMPUTE_FOREMAN, CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_CONCURRENCY, "
-               "CROWDCOMPUTE_WORKER_ID, CROWDCOMPUTE_CAPABILITIES, CROWDCOMPUTE_LOG_LEVEL.")
+               "CROWDCOMPUTE_WORKER_ID, CROWDCOMPUTE_CAPABILITIES, CROWDCOMPUTE_LOG_LEVEL, "
+               "CROWDCOMPUTE_DASHBOARD_HOST, CROWDCOMPUTE_DASHBOARD_PORT, CROWDCOMPUTE_DASHBOARD_TOKEN.")
     parser.add_argument("foreman_url", nargs="?", default=_env("FOREMAN", "ws://127.0.0.1:9000"),
                         help="the foreman's address, ws://HOST:PORT (env CROWDCOMPUTE_FOREMAN)")
     parser.add_argument("--token", default=_env("TOKEN"), help="shared secret the foreman expects "
@@ -40,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT") or 30.0),
                         help="on SIGTERM, seconds running tasks get to finish before being handed back")
     parser.add_argument("--no-reconnect", action="store_true", help="exit when the connection drops")
+    parser.add_argument("--dashboard-host", default=_env("DASHBOARD_HOST", "127.0.0.1"),
+                        help="address of the dashboard and HTTP API (default 127.0.0.1; any other needs a "
+                             "--dashboard-token or --insecure)")
+    parser.add_argument("--dashboard-port", type=int, default=int(_env("DASHBOARD_PORT") or 8001),
+                        help="its port (default 8001; when taken, the next free one; 0: any free port)")
+    parser.add_argument("--dashboard-token", default=_env("DASHBOARD_TOKEN"),
+                        help="secret needed to restart the worker or watch it live (env CROWDCOMPUTE_DASHBOARD_TOKEN;"
+                             " not the foreman's token)")
+    parser.add_argument("--no-dashboard", action="store_true", help="no dashboard or HTTP API (tiny devices)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a dashboard beyond localhost without a token: anyone who reaches it can "
+                             "restart this worker")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING or ERROR")
     return parser
@@ -54,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             max_concurrent_tasks=args.concurrency, auto_restart=not args.no_reconnect,
             heartbeat_interval=args.heartbeat_interval, drain_timeout=args.drain_timeout,
             capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
-            parent_pid=args.parent_pid)
+            parent_pid=args.parent_pid, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
+            dashboard_port=args.dashboard_port, dashboard_token=args.dashboard_token,
+            dashboard_insecure=args.insecure)
     except ValueError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2

@@ -114,6 +114,12 @@ class Executor:
     def busy(self) -> int:
         return len(self.running)
 
+    def running_items(self) -> list[WorkItem]:
+        """The batches running now, oldest first."""
+        with self._lock:
+            items = [item for item, _ in self.running.values()]
+        return sorted(items, key=lambda item: item.started)
+
     def close(self) -> None:
         """Stop all slots and their children; running items are abandoned."""
         for _ in self._slots:
@@ -181,12 +187,12 @@ class _Slot:
             if item is None:
                 self._shutdown()
                 return
+            item.started = time.monotonic()
             with self.executor._lock:
                 self.executor.running[_key(item)] = (item, self)
             self.executor._report(self._execute(item))
 
     def _execute(self, item: WorkItem) -> Outcome:
-        item.started = time.monotonic()
         try:
             if self.process is None or not self.process.is_alive():
                 self._spawn()

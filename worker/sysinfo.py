@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import socket
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("crowdcompute.worker")
@@ -33,33 +34,76 @@ def total_memory() -> int | None:
         return None
 
 
-def gpus() -> list[dict[str, Any]]:
-    """NVIDIA GPUs seen through NVML; an empty list when there are none, no driver, or no pynvml."""
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # no driver, no GPU: pynvml raises NVMLError subclasses
-        return []
-    try:
-        out = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            out.append({"index": index, "name": name.decode() if isinstance(name, bytes) else name,
-                        "memory_total": int(memory.total)})
-        return out
-    except Exception as exc:
-        log.warning("NVML is present but could not list GPUs: %s", exc)
-        return []
-    finally:
+class GpuMonitor:
+    """Live figures of the NVIDIA GPUs, through NVML. Without pynvml, a driver or a GPU it sees no GPUs.
+
+    NVML calls can take milliseconds: call :meth:`sample` off the event loop. Nothing here raises; a figure the
+    driver does not report (power on some boards, temperature on others) is None.
+    """
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        self._handles: list[Any] = []
         try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+            import pynvml
+        except ImportError:
+            return
+        try:
+            pynvml.nvmlInit()
+        except Exception:  # no driver, no GPU: pynvml raises NVMLError subclasses
+            return
+        self._nvml = pynvml
+        try:
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception as exc:
+            log.warning("NVML is present but could not list GPUs: %s", exc)
+            self.close()
+
+    def sample(self) -> list[dict[str, Any]]:
+        """One dict per GPU: index, name, utilization and memory_utilization (%), memory_used and memory_total
+        (bytes), temperature (degrees C), power and power_limit (W)."""
+        nvml = self._nvml
+        out = []
+        for index, handle in enumerate(self._handles):
+            name = _read(lambda: nvml.nvmlDeviceGetName(handle))
+            rates = _read(lambda: nvml.nvmlDeviceGetUtilizationRates(handle))
+            memory = _read(lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
+            power = _read(lambda: nvml.nvmlDeviceGetPowerUsage(handle))
+            limit = _read(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))
+            out.append({
+                "index": index,
+                "name": (name.decode() if isinstance(name, bytes) else name) or f"GPU {index}",
+                "utilization": rates.gpu if rates is not None else None,
+                "memory_utilization": rates.memory if rates is not None else None,
+                "memory_used": int(memory.used) if memory is not None else None,
+                "memory_total": int(memory.total) if memory is not None else None,
+                "temperature": _read(lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
+                "power": power / 1000 if power is not None else None,  # NVML reports milliwatts
+                "power_limit": limit / 1000 if limit is not None else None,
+            })
+        return out
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            _read(self._nvml.nvmlShutdown)
+            self._nvml, self._handles = None, []
+
+
+def _read(call: Callable[[], Any]) -> Any:
+    """The value of one NVML query, or None where the driver does not report it."""
+    try:
+        return call()
+    except Exception:
+        return None
+
+
+def gpus() -> list[dict[str, Any]]:
+    """NVIDIA GPUs seen through NVML (index, name, memory_total); empty when there are none or no driver."""
+    monitor = GpuMonitor()
+    try:
+        return [{key: gpu[key] for key in ("index", "name", "memory_total")} for gpu in monitor.sample()]
+    finally:
+        monitor.close()
 
 
 def describe() -> dict[str, Any]:

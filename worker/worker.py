@@ -12,12 +12,10 @@ import logging
 import os
 import random
 import signal
-import socket
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import cloudpickle
 from websockets.asyncio.client import ClientConnection, connect
@@ -27,53 +25,16 @@ from foreman import protocol
 from foreman.errors import AuthenticationError, ProtocolError, VersionMismatchError
 from foreman.protocol import CloseCode, Kind
 from worker import sysinfo
+from worker.config import WorkerConfig
 from worker.executor import Executor, Outcome, WorkItem
+from worker.history import BatchHistory
+
+if TYPE_CHECKING:
+    from worker.dashboard import Dashboard
 
 log = logging.getLogger("crowdcompute.worker")
 
 VERSION = "0.1.0"
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-
-
-@dataclass
-class WorkerConfig:
-    """How a worker runs. Field names follow the prototype, so its users' configs keep working.
-
-    :param foreman_url: the foreman's ``ws://host:port`` address.
-    :param worker_id: a stable name; a worker that reconnects under the same id replaces its old connection.
-    :param token: the shared secret the foreman expects, if it has one.
-    :param max_concurrent_tasks: task processes run at once (default: CPU count).
-    :param auto_restart: reconnect (with backoff) when the connection drops; if False, exit instead.
-    :param heartbeat_interval: seconds between heartbeats until the foreman says otherwise in its WELCOME.
-    :param capabilities: labels a job may require (``gpu``, ``high-memory``, ...).
-    :param drain_timeout: on SIGTERM, seconds to let running tasks finish before handing them back.
-    :param max_message_size: largest message accepted from the foreman; bounds memory per message.
-    :param reconnect_max_delay: upper bound of the exponential reconnect backoff, in seconds.
-    :param start_method: multiprocessing start method for task processes.
-    :param parent_pid: exit when this process ends (used by a foreman's local workers).
-    """
-
-    foreman_url: str = "ws://127.0.0.1:9000"
-    worker_id: str = field(default_factory=default_worker_id)
-    token: str | None = None
-    max_concurrent_tasks: int = field(default_factory=sysinfo.cpu_count)
-    auto_restart: bool = True
-    heartbeat_interval: float = 5.0
-    capabilities: list[str] = field(default_factory=list)
-    drain_timeout: float = 30.0
-    max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE
-    reconnect_max_delay: float = 30.0
-    start_method: str = "spawn"
-    parent_pid: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_concurrent_tasks < 1:
-            raise ValueError("max_concurrent_tasks must be >= 1")
-        if not self.foreman_url.startswith(("ws://", "wss://")):
-            raise ValueError(f"foreman_url must start with ws:// or wss://, got {self.foreman_url!r}")
 
 
 @dataclass
@@ -105,8 +66,12 @@ class Worker:
         self.config = config
         self.stats = WorkerStats()
         self.connected = False
+        self.connected_at: float | None = None  # wall-clock time of the current connection's WELCOME
+        self.last_error: str | None = None  # how the last connection attempt or connection ended
         self.draining = False
+        self.history = BatchHistory()
         self.executor: Executor | None = None
+        self.dashboard: Dashboard | None = None
         self._ws: ClientConnection | None = None
         self._outbound: asyncio.Queue[bytes] | None = None
         self._outbox: list[bytes] = []  # results finished while disconnected, sent on the next connection
@@ -116,7 +81,9 @@ class Worker:
         self._heartbeat_interval = config.heartbeat_interval
         self._heartbeat_timeout = config.heartbeat_interval * 6
         self._stop: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None  # cuts a reconnect backoff short
         self._reconnect_now = False
+        self._reexec = False
         self._signals = 0
 
     # -- public ----------------------------------------------------------------------------------------------
@@ -134,24 +101,33 @@ class Worker:
         """Connect, serve, reconnect; return once stopped. Raises FatalConnectionError if refused for good."""
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
         self.executor = Executor(self.config.max_concurrent_tasks, self._on_outcome, loop,
                                  self.config.start_method)
         self.executor.start()
         self._install_signal_handlers(loop)
         watchers = [asyncio.create_task(self._watch_parent())] if self.config.parent_pid else []
+        if self.config.dashboard:
+            self.dashboard = await self._open_dashboard()
         try:
             await self._connect_loop()
         finally:
             for task in watchers:
                 task.cancel()
+            if self.dashboard is not None:
+                await self.dashboard.close()
             self.executor.close()
+        if self._reexec:
+            reexec(self.config.worker_id)
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "worker stopping") -> None:
         """Leave now: running tasks are abandoned and go back to the foreman."""
         if self._stop is not None:
             self._stop.set()
+        if self._wake is not None:
+            self._wake.set()
         if self._ws is not None:
-            asyncio.ensure_future(self._ws.close(CloseCode.NORMAL, "worker stopping"))
+            asyncio.ensure_future(self._ws.close(CloseCode.NORMAL, reason))
 
     async def drain(self) -> None:
         """Leave gracefully: hand back queued batches, let running ones finish (up to drain_timeout), go."""
@@ -174,19 +150,40 @@ class Worker:
         await asyncio.sleep(0.05)  # let the writer flush what is queued
         self.stop()
 
-    async def restart(self) -> None:
-        """Drop the connection, kill running tasks (they go back to the foreman) and reconnect at once."""
-        assert self.executor is not None
-        log.info("restarting: killing running tasks and reconnecting")
+    async def restart(self, hard: bool = False) -> None:
+        """Drop the connection, kill running tasks (they go back to the foreman) and reconnect at once.
+
+        ``hard`` re-executes the whole worker process instead, under the same worker id, so that it picks up
+        upgraded code. The connection is closed cleanly first, so the foreman requeues its tasks without strikes.
+        """
+        assert self.executor is not None and self._wake is not None
+        log.info("restarting%s: killing running tasks and %s", " (hard)" if hard else "",
+                 "re-executing the worker process" if hard else "reconnecting")
         self.executor.stop_items(protocol.STATUS_RETURNED)
+        if hard:
+            self._reexec = True
+            self.stop("worker restarting")
+            return
         self._reconnect_now = True
+        self._wake.set()
         if self._ws is not None:
             await self._ws.close(CloseCode.NORMAL, "worker restarting")
+
+    async def _open_dashboard(self) -> Dashboard | None:
+        """Serve the dashboard in this loop; without its packages or a free port the worker runs headless."""
+        try:
+            from worker.dashboard import Dashboard
+        except ImportError as exc:
+            log.warning("running without a dashboard: the %s package is missing (the dashboard needs fastapi, "
+                        "uvicorn, jinja2 and prometheus-client; --no-dashboard silences this)", exc.name)
+            return None
+        dashboard = Dashboard(self)
+        return dashboard if await dashboard.open() else None
 
     # -- connection ------------------------------------------------------------------------------------------
 
     async def _connect_loop(self) -> None:
-        assert self._stop is not None
+        assert self._stop is not None and self._wake is not None
         attempt = 0
         while not self._stop.is_set():
             try:
@@ -198,6 +195,7 @@ class Worker:
             except FatalConnectionError:
                 raise
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
+                self.last_error = _describe(exc)
                 level = logging.INFO if self.connected or self._stop.is_set() else logging.WARNING
                 log.log(level, "connection to %s ended: %s", self.config.foreman_url, _describe(exc))
             except InvalidURI as exc:
@@ -218,10 +216,12 @@ class Worker:
             delay = backoff_delay(attempt, self.config.reconnect_max_delay)
             attempt += 1
             log.info("reconnecting in %.1fs", delay)
+            self._wake.clear()
             try:
-                await asyncio.wait_for(self._stop.wait(), delay)
+                await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:
                 pass
+            self._reconnect_now = False  # a restart during the wait has woken it
 
     async def _serve(self, ws: ClientConnection) -> None:
         await ws.send(protocol.encode(Kind.HELLO, self._hello()))
@@ -235,6 +235,8 @@ class Worker:
         self._session += 1
         self._jobs.clear()
         self.connected = True
+        self.connected_at = time.time()
+        self.last_error = None
         self.stats.connections += 1
         self._heartbeat_interval = float(welcome.header["heartbeat_interval"])
         self._heartbeat_timeout = float(welcome.header["heartbeat_timeout"])
@@ -259,6 +261,7 @@ class Worker:
             for task in tasks:
                 task.cancel()
             self.connected = False
+            self.last_error = _describe_close(ws)
             self._salvage(self._outbound)
             self._outbound = None
             if self.executor is not None:
@@ -341,7 +344,7 @@ class Worker:
         elif kind is Kind.JOB_DONE:
             self._jobs.pop(header["job"], None)
         elif kind is Kind.RESTART:
-            asyncio.ensure_future(self.restart())
+            asyncio.ensure_future(self.restart(hard=header["hard"]))
         elif kind is Kind.DRAIN:
             asyncio.ensure_future(self.drain())
         elif kind is not Kind.HEARTBEAT:
@@ -351,6 +354,7 @@ class Worker:
 
     def _on_outcome(self, outcome: Outcome) -> None:
         """Called on the loop for each finished batch."""
+        self.history.add(outcome)
         stats = self.stats
         if outcome.status == protocol.STATUS_OK:
             stats.tasks_completed += outcome.item.count - outcome.failed
@@ -361,7 +365,8 @@ class Worker:
             log.warning("batch %s/%s: %s", outcome.item.job_id, outcome.item.start, outcome.error)
         if outcome.status == protocol.STATUS_CANCELLED:
             return  # the foreman asked for it and has already moved on
-        if outcome.status == protocol.STATUS_RETURNED and outcome.item.session != self._session:
+        if outcome.status == protocol.STATUS_RETURNED and (outcome.item.session != self._session
+                                                           or self._outbound is None):
             return  # the foreman requeued it when that connection closed
         self._send_outcome(outcome)
 
@@ -407,6 +412,18 @@ class Worker:
                 return
 
 
+def reexec(worker_id: str) -> NoReturn:
+    """Replace this process with a fresh run of its own command line, under the same worker id."""
+    os.environ["CROWDCOMPUTE_WORKER_ID"] = worker_id  # read by default_worker_id() and the CLI
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    log.info("re-executing %s as worker %s", " ".join(argv), worker_id)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
 def _raise_if_refused(exc: ConnectionClosed) -> None:
     if exc.rcvd is not None:
         _raise_if_refused_code(exc.rcvd.code, exc.rcvd.reason)
@@ -417,6 +434,12 @@ def _raise_if_refused_code(code: int, reason: str) -> None:
         raise FatalConnectionError(str(AuthenticationError(f"the foreman refused this worker: {reason}")))
     if code == CloseCode.VERSION_MISMATCH:
         raise FatalConnectionError(str(VersionMismatchError(f"the foreman refused this worker: {reason}")))
+
+
+def _describe_close(ws: ClientConnection) -> str:
+    if ws.close_code is None:
+        return "connection lost"
+    return f"connection closed ({ws.close_code} {ws.close_reason})".replace(" )", ")")
 
 
 def _describe(exc: BaseException) -> str:
