@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=9000, help="port to listen on (0 picks a free one)")
     parser.add_argument("--token", default=os.environ.get("CROWDCOMPUTE_TOKEN"),
                         help="shared secret workers must present (env CROWDCOMPUTE_TOKEN)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="port of the dashboard, JSON API and metrics (default: --port + 1)")
+    parser.add_argument("--no-dashboard", action="store_true", help="serve no HTTP dashboard or API")
     parser.add_argument("--local-workers", type=int, default=0, help="worker processes to start on this machine")
     parser.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between worker heartbeats")
     parser.add_argument("--heartbeat-timeout", type=float, default=30.0,
@@ -40,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with Foreman(host=args.host, port=args.port, token=args.token, local_workers=args.local_workers,
-                 heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout) as fm:
+                 heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+                 dashboard=not args.no_dashboard, http_port=args.http_port) as fm:
         print(f"foreman ready at {fm.address}", flush=True)
+        if fm.dashboard_url:
+            print(f"dashboard at {fm.dashboard_url}", flush=True)
         try:
             stop.wait()
         except KeyboardInterrupt:
