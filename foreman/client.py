@@ -55,13 +55,16 @@ class Foreman:
         self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)
         self._thread.start()
         self._closed = False
+        self._local = LocalWorkers(token, heartbeat_interval)
         try:
             self._call(self._server.start())
+            self._local.start(self.address, local_workers)
+            self._call(self._server.start_http())
         except BaseException:
+            self._local.stop()
+            self._call(self._server.close())
             self._stop_loop()
             raise
-        self._local = LocalWorkers(self.address, token, heartbeat_interval)
-        self._local.start(local_workers)
 
     @property
     def address(self) -> str:

@@ -17,20 +17,19 @@ class LocalWorkers:
     They inherit this process's import path, so functions pickled by reference (from importable modules) load.
     """
 
-    def __init__(self, address: str, token: str | None, heartbeat_interval: float) -> None:
-        self.address = address
+    def __init__(self, token: str | None, heartbeat_interval: float) -> None:
         self.token = token
         self.heartbeat_interval = heartbeat_interval
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self, n: int) -> None:
+    def start(self, address: str, n: int) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         if self.token is not None:
             env["CROWDCOMPUTE_TOKEN"] = self.token
         for _ in range(n):
             index = len(self.processes)
-            command = [sys.executable, "-m", "worker", self.address, "--concurrency", "1",
+            command = [sys.executable, "-m", "worker", address, "--concurrency", "1",
                        "--worker-id", f"local-{os.getpid()}-{index}", "--parent-pid", str(os.getpid()),
                        "--heartbeat-interval", str(self.heartbeat_interval), "--log-level", "WARNING",
                        "--no-dashboard"]

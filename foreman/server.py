@@ -128,11 +128,16 @@ class ForemanServer:
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = asyncio.create_task(self._tick_forever())
         log.info("foreman listening on %s", self.address)
-        if self.http_port is not None:
-            http = await asyncio.to_thread(importlib.import_module, "foreman.http")  # FastAPI imports slowly
-            self.http = http.HttpServer(self, self.host, self.http_port, self.token)
-            self.http.start()
-            log.info("dashboard at %s", self.http.url)
+
+    async def start_http(self) -> None:
+        """Serve the dashboard and API, if an HTTP port was given. Separate from :meth:`start` so that workers
+        can be started while FastAPI imports (it takes a while)."""
+        if self.http_port is None:
+            return
+        http = await asyncio.to_thread(importlib.import_module, "foreman.http")
+        self.http = http.HttpServer(self, self.host, self.http_port, self.token)
+        self.http.start()
+        log.info("dashboard at %s", self.http.url)
 
     def _plain_http(self, connection: ServerConnection, request: Request) -> Response | None:
         """A browser opening the WebSocket address is sent to the dashboard."""
