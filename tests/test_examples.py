@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -26,3 +27,13 @@ def test_fleet_dashboard_example_reports_its_job() -> None:
     assert "longest Collatz chain below 20,001: 17,647 (278 steps)" in done.stdout
     assert re.search(r"job 1 \(collatz_steps\): done, 20,000 tasks", done.stdout)
     assert "20000/20000" in done.stderr  # the tqdm progress bar
+
+
+def test_worker_dashboard_example_prints_its_address_and_stats() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "worker_dashboard.py"), "--below", "50000"],
+                          capture_output=True, text=True, timeout=120, env=worker_env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"worker dashboard at http://127\.0\.0\.1:\d+/", done.stdout)
+    assert "5,133 primes below 50,000" in done.stdout
+    stats = json.loads(done.stdout.split("GET /stats -> ", 1)[1])
+    assert stats["tasks_completed"] == 50_000 and stats["tasks_failed"] == 0

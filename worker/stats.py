@@ -92,14 +92,11 @@ class Sampler:
 
     def tasks_per_minute(self, window: float = 60.0) -> float:
         """Tasks completed per minute over the last ``window`` seconds (or since the first sample)."""
-        samples = self.samples()
-        if len(samples) < 2:
+        now = time.time()
+        first = next((s for s in self.samples() if s.time >= now - window), None)
+        if first is None or now - first.time <= 0:
             return 0.0
-        last = samples[-1]
-        first = next(s for s in samples if s.time >= last.time - window)
-        if last.time - first.time <= 0:
-            return 0.0
-        return (last.tasks_completed - first.tasks_completed) * 60.0 / (last.time - first.time)
+        return (self._tasks_completed() - first.tasks_completed) * 60.0 / (now - first.time)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
