@@ -55,7 +55,9 @@ class Dashboard:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """Where to point a browser; a wildcard address (``0.0.0.0``) is shown as this machine's name."""
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}/"
 
     async def open(self) -> bool:

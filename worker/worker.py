@@ -282,6 +282,7 @@ class Worker:
             "concurrency": config.max_concurrent_tasks,
             "capabilities": list(config.capabilities),
             "version": VERSION,
+            "dashboard": self.dashboard.url if self.dashboard is not None else None,
             **sysinfo.describe(),
         }
 
