@@ -224,7 +224,8 @@ class Worker:
             self._reconnect_now = False  # a restart during the wait has woken it
 
     async def _serve(self, ws: ClientConnection) -> None:
-        await ws.send(protocol.encode(Kind.HELLO, self._hello()))
+        hello = await asyncio.to_thread(self._hello)  # NVML and psutil may take a while: keep the loop free
+        await ws.send(protocol.encode(Kind.HELLO, hello))
         try:
             welcome = protocol.decode(await asyncio.wait_for(ws.recv(), 30), self.config.max_message_size)
         except ConnectionClosed as exc:
