@@ -38,6 +38,14 @@ def human(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def tick(x: float) -> str:
+    """Axis labels: 100000 -> '100 k', 0.01 -> '0.01'."""
+    for scale, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(x) >= scale:
+            return f"{x / scale:g}{suffix}"
+    return f"{x:g}"
+
+
 def count(n: int | None) -> str:
     if n is None:
         return ""
@@ -55,6 +63,8 @@ ROWS = [
     ("one task round trip, median ms", "roundtrip", "median_ms", lambda v: f"{v:.2f}"),
     ("one task round trip, p99 ms", "roundtrip", "p99_ms", lambda v: f"{v:.2f}"),
     ("20 ms CPU tasks, parallel efficiency", "cpu", "efficiency_pct", lambda v: f"{v:.1f} %"),
+    ("20 ms CPU tasks: CPU the system used besides the tasks, ms per task", "cpu", "overhead_cpu_ms_per_task",
+     lambda v: f"{v:.2f}"),
     ("1 MB `bytes` argument each, MB/s", "payload", "mb_per_s", lambda v: f"{v:.0f}"),
 ]
 
@@ -183,10 +193,16 @@ def markdown(records: Records, names: list[str], skipped: dict[str, str], facts:
     out = [f"## Results{' (--quick: small sizes, not comparable)' if quick else ''}", "",
            f"{facts['nproc']} CPUs ({facts['cpu_model']}), {facts.get('memory_gib')} GiB, Python {facts['python']}, "
            f"{facts['date']}, commit {facts.get('commit', '?')}{' + uncommitted foreman/worker changes' if facts.get('dirty') else ''}, "
-           f"whole run {facts.get('seconds', '?')} s.", ""]
+           f"whole run {facts.get('seconds', '?')} s; other work on the machine: 1-minute load average "
+           f"{facts.get('loadavg_start', '?')} before the run, {_f(facts.get('foreign_cores'), '.2f')} cores busy "
+           f"on average during it.", ""]
     out += main_table(records, names, skipped)
     for name, why in skipped.items():
         out.append(f"\n{LABELS.get(name, name)} skipped: {why}")
+    disturbed = sorted({f"{LABELS.get(r['backend'], r['backend'])} {r['workload']} ({r['foreign_cores']:.1f})"
+                        for r in records if (r.get("foreign_cores") or 0) >= 0.25})
+    if disturbed:
+        out.append("\nCaution, other work kept CPU cores busy (average cores) during: " + ", ".join(disturbed))
     errors = [r for r in records if r["metric"] == "error"]
     for r in errors:
         out.append(f"\nerror: {r['backend']} {r['workload']}: {r['error']}")
@@ -199,6 +215,9 @@ def markdown(records: Records, names: list[str], skipped: dict[str, str], facts:
 
 
 # -- chart ----------------------------------------------------------------------------------------------------
+
+SHORT = {"crowdcompute": "Crowd\nCompute", "multiprocessing": "mp.Pool", "processpool": "PPE", "dask": "Dask",
+         "ray": "Ray"}
 
 COLORS = {"crowdcompute": "#d62728", "multiprocessing": "#1f77b4", "processpool": "#2ca02c", "dask": "#ff7f0e",
           "ray": "#9467bd"}
@@ -216,12 +235,13 @@ def chart(records: Records, names: list[str], facts: dict[str, Any], path: Path)
 
     def log_axis(ax: Any) -> None:
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v, 2)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: tick(v)))
         ax.yaxis.set_minor_formatter(NullFormatter())
 
     shown = [n for n in names if any(r["backend"] == n and r["value"] is not None for r in records)]
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5))
-    fig.suptitle(f"CrowdCompute vs peers, 2 workers each — {facts['nproc']} CPUs ({facts['cpu_model']}), "
+    fig.suptitle(f"CrowdCompute vs peers, 2 workers each (mp.Pool = multiprocessing.Pool, PPE = "
+                 f"ProcessPoolExecutor, chunksize 1) — {facts['nproc']} CPUs ({facts['cpu_model']}), "
                  f"Python {facts['python']}, {facts['date'][:10]}", fontsize=11)
 
     def bars(ax: Any, workload: str, metric: str, title: str, log: bool = False, fmt: Any = human) -> None:
@@ -229,8 +249,7 @@ def chart(records: Records, names: list[str], facts: dict[str, Any], path: Path)
         for n in shown:
             v = value(records, n, workload, metric)
             if v is not None:
-                xs.append(LABELS.get(n, n).replace(" ", "\n").replace(".", ".\n", 1) if n != "crowdcompute"
-                          else "CrowdCompute")
+                xs.append(SHORT.get(n, n))
                 ys.append(v)
                 cs.append(COLORS.get(n, "grey"))
         ax.set_title(title, fontsize=10)
@@ -238,7 +257,7 @@ def chart(records: Records, names: list[str], facts: dict[str, Any], path: Path)
             ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
             return
         b = ax.bar(range(len(ys)), ys, color=cs)
-        ax.set_xticks(range(len(ys)), xs, fontsize=7)
+        ax.set_xticks(range(len(ys)), xs, fontsize=8)
         if log:
             log_axis(ax)
         ax.bar_label(b, labels=[fmt(y) for y in ys], fontsize=7)
@@ -257,7 +276,7 @@ def chart(records: Records, names: list[str], facts: dict[str, Any], path: Path)
                     alpha=0.45, label="p99")
         ax.bar_label(b1, labels=[f"{p[1]:.2g}" for p in pts], fontsize=6)
         ax.bar_label(b2, labels=[f"{p[2]:.2g}" for p in pts], fontsize=6)
-        ax.set_xticks(list(xs), [LABELS.get(p[0], p[0]).split()[0].split(".")[0] for p in pts], fontsize=7)
+        ax.set_xticks(list(xs), [SHORT.get(p[0], p[0]) for p in pts], fontsize=7)
         log_axis(ax)
         ax.axhline(0.5, color="grey", ls=":", lw=1)
         ax.legend(fontsize=7, loc="upper left")
@@ -280,7 +299,7 @@ def chart(records: Records, names: list[str], facts: dict[str, Any], path: Path)
         ax.set_xticks([w for w, _ in tiny], [str(w) for w, _ in tiny])
         ax.set_xlabel("local workers", fontsize=8)
         ax.set_ylim(bottom=0)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: tick(v)))
     ax = axes[1, 2]
     ax.set_title(f"CrowdCompute scaling: 20 ms CPU tasks ({facts['nproc']} cores)", fontsize=10)
     speed = sorted((r["workers"], r["value"]) for r in scale if r["metric"] == "cpu_speedup")

@@ -31,6 +31,7 @@ if str(BENCH_DIR) not in sys.path:
 
 import backends  # noqa: E402
 import report  # noqa: E402
+from load import ForeignLoad, Window  # noqa: E402
 import workloads  # noqa: E402
 
 
@@ -117,6 +118,7 @@ class Runner:
         self.records: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.skipped: dict[str, str] = {}
+        self.load: ForeignLoad | None = None
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -127,6 +129,7 @@ class Runner:
         print(f"  {label} ...", file=sys.stderr, end="", flush=True)
         faulthandler.dump_traceback_later(self.sizes.workload_timeout, exit=True)
         t0 = time.perf_counter()
+        window = Window(self.load)
         try:
             out = fn(*args)
         except Exception as exc:  # a workload failing on one backend must not end the run
@@ -139,7 +142,11 @@ class Runner:
             return None
         finally:
             faulthandler.cancel_dump_traceback_later()
-        print(f" {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        foreign = window.cores()
+        busy = f" (other work on the machine: {foreign:.2f} cores)" if foreign is not None and foreign >= 0.1 else ""
+        print(f" {time.perf_counter() - t0:.1f}s{busy}", file=sys.stderr, flush=True)
+        for rec in out:
+            rec["foreign_cores"] = None if foreign is None else round(foreign, 3)
         self.records.extend(out)
         return out
 
@@ -199,9 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     run_id = time.strftime("%Y%m%dT%H%M%S")
     print(f"CrowdCompute benchmark {'(quick) ' if args.quick else ''}on {facts['nproc']} x {facts['cpu_model']}, "
           f"Python {facts['python']}, {facts['date']}", file=sys.stderr, flush=True)
+    facts["loadavg_start"] = round(os.getloadavg()[0], 2)
+    runner.load = ForeignLoad().start()
+    whole = Window(runner.load)
     t0 = time.perf_counter()
-    runner.run()
+    try:
+        runner.run()
+    finally:
+        runner.load.stop()
     facts["seconds"] = round(time.perf_counter() - t0, 1)
+    facts["foreign_cores"] = whole.cores()
 
     args.out.mkdir(parents=True, exist_ok=True)
     common = {"run": run_id, "date": facts["date"], "quick": args.quick, "workers": runner.sizes.workers,

@@ -120,14 +120,37 @@ def roundtrip(backend: Backend, sizes: Sizes) -> list[dict[str, Any]]:
 
 
 def cpu(backend: Backend, sizes: Sizes) -> list[dict[str, Any]]:
-    """Parallel efficiency of CPU-bound tasks: (tasks x CPU seconds each / workers) / measured time."""
+    """Parallel efficiency of CPU-bound tasks: (tasks x CPU seconds each / workers) / measured time.
+
+    Also reports the CPU the system itself used meanwhile (this process and all its descendants, less the
+    tasks' own CPU): on a machine with as many cores as workers, every such CPU second is taken from the tasks.
+    """
     items = [sizes.cpu_seconds] * sizes.cpu_tasks
+    cpu0 = tree_cpu()
     t0 = time.perf_counter()
     used = backend.map(tasks.busy, items)
     elapsed = time.perf_counter() - t0
+    overhead = tree_cpu() - cpu0 - sum(used)
     ideal = sum(used) / backend.n_workers
     return [record("cpu", "efficiency_pct", 100 * ideal / elapsed, "%", backend.name, n=sizes.cpu_tasks,
-                   seconds=elapsed, ideal_seconds=ideal, task_seconds=sizes.cpu_seconds)]
+                   seconds=elapsed, ideal_seconds=ideal, task_seconds=sizes.cpu_seconds),
+            record("cpu", "overhead_cpu_ms_per_task", 1000 * overhead / len(used), "ms", backend.name,
+                   n=sizes.cpu_tasks, overhead_cpu_s=overhead)]
+
+
+def tree_cpu() -> float:
+    """CPU seconds used so far by this process and its living descendants."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def payload(backend: Backend, sizes: Sizes) -> list[dict[str, Any]]:
