@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+    from foreman.addresses import is_loopback
+
+    if not is_loopback(args.host) and not args.token:
         print("foreman: listening on a non-loopback address needs --token (workers run the code this foreman "
               "sends, so it must not accept strangers)", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from foreman import protocol
+from foreman.addresses import is_loopback
 from foreman.errors import ForemanClosedError
 from foreman.executor import ForemanExecutor
 from foreman.jobs import Job, SubmittedTask, _pickle_fitting
@@ -37,6 +38,9 @@ class Foreman:
     :param heartbeat_timeout: a worker silent this long is declared lost and its tasks are reassigned.
     :param max_message_size: largest message in either direction; bounds memory per connection.
     :param max_task_losses: a task in flight on this many workers that died in a row fails as poison.
+    :param trust_workers: unpickle results with full pickle (code from workers could run here). Default:
+        True on a loopback address, False elsewhere, where results are loaded with a restricted loader that
+        only rebuilds plain data (builtins, containers, numbers, strings, bytes, registered safe types).
     :param dashboard: serve the fleet dashboard, JSON API and metrics over HTTP (see :attr:`dashboard_url`).
     :param http_port: the dashboard's port; default ``port + 1`` (any free port when ``port`` is 0).
     """
@@ -44,13 +48,15 @@ class Foreman:
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
                  local_workers: int = 0, heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
                  max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3,
-                 dashboard: bool = True, http_port: int | None = None) -> None:
+                 dashboard: bool = True, http_port: int | None = None, trust_workers: bool | None = None) -> None:
         if local_workers < 0:
             raise ValueError("local_workers must be >= 0")
         if dashboard and http_port is None:
             http_port = port + 1 if port else 0
+        if trust_workers is None:
+            trust_workers = is_loopback(host)
         self._server = ForemanServer(host, port, token, heartbeat_interval, heartbeat_timeout, max_message_size,
-                                     max_task_losses, http_port if dashboard else None)
+                                     max_task_losses, http_port if dashboard else None, trust_workers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)
         self._thread.start()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 import socket
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 import dashboard
 from foreman import views
+from foreman.addresses import is_loopback
 from foreman.fleet import DURATION_BUCKETS
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def create_app(server: ForemanServer, token: str | None) -> FastAPI:
         return hmac.compare_digest(offered.encode(), token.encode())
 
     def may_read(request: Request | WebSocket) -> bool:
-        return token is None or _is_loopback(request.client.host if request.client else "") or authorized(request)
+        return token is None or is_loopback(request.client.host if request.client else "") or authorized(request)
 
     def require_read(request: Request) -> None:
         if not may_read(request):
@@ -233,10 +233,3 @@ class _Metrics:
             buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
         yield HistogramMetricFamily("crowdcompute_task_duration_seconds", "Task run time (batch mean per task)",
                                     buckets=buckets, sum_value=fleet.duration_sum)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"

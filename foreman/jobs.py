@@ -105,6 +105,7 @@ class Job:
         self._feeder = threading.Thread(target=self._feed, name=f"crowdcompute-feeder-{self.id}", daemon=True)
         self._feeder.start()
         self._progress = progress
+        self._trusted = foreman._server.trust_workers
         self._iterator = self._iterate()
 
     # -- the user's side -------------------------------------------------------------------------------------
@@ -167,11 +168,11 @@ class Job:
                     bar.update(count)
                 if error is not None:
                     raise error
-                results, errors = loads_results(payload)
+                results, errors = loads_results(payload, count, self._trusted)
                 if errors:
                     for index, value in enumerate(results):
                         if index in errors:
-                            raise rebuild_exception(errors[index])
+                            raise rebuild_exception(errors[index], self._trusted)
                         yield value
                 else:
                     yield from results
@@ -281,12 +282,12 @@ class SubmittedTask:
 
     def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float) -> None:
         try:
-            results, errors = loads_results(payload)
+            results, errors = loads_results(payload, 1, self._foreman._server.trust_workers)
         except SerializationError as exc:
             self._settle(exc, failed=True)
             return
         if errors:
-            self._settle(rebuild_exception(errors[0]), failed=True)
+            self._settle(rebuild_exception(errors.get(0), self._foreman._server.trust_workers), failed=True)
         else:
             self._settle(results[0], failed=False)
 

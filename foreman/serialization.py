@@ -19,6 +19,7 @@ from typing import Any
 import cloudpickle
 
 from foreman.errors import RemoteError, RemoteTraceback, SerializationError
+from foreman.safe_pickle import safe_loads
 
 PICKLE_PROTOCOL = 5
 
@@ -112,22 +113,35 @@ def dumps_results(results: list[Any], errors: dict[int, ErrorEntry]) -> bytes:
     return cloudpickle.dumps((results, errors), protocol=PICKLE_PROTOCOL)
 
 
-def loads_results(payload: bytes | memoryview) -> tuple[list[Any], dict[int, ErrorEntry]]:
-    """Load a batch's outcomes sent by a worker."""
-    try:
-        results, errors = pickle.loads(payload)
-    except Exception as exc:
-        raise SerializationError(f"cannot unpickle a result batch: {type(exc).__name__}: {exc}") from exc
-    return results, errors
+def loads_results(payload: bytes | memoryview, count: int,
+                  trusted: bool = True) -> tuple[list[Any], dict[int, ErrorEntry]]:
+    """Load a batch's outcomes sent by a worker; ``trusted=False`` refuses anything but plain data."""
+    if not trusted:
+        outcome = safe_loads(payload)
+    else:
+        try:
+            outcome = pickle.loads(payload)
+        except Exception as exc:
+            raise SerializationError(f"cannot unpickle a result batch: {type(exc).__name__}: {exc}") from exc
+    if not (isinstance(outcome, tuple) and len(outcome) == 2 and isinstance(outcome[0], list)
+            and isinstance(outcome[1], dict) and len(outcome[0]) == count):
+        raise SerializationError(f"a worker sent a result batch of the wrong shape (expected {count} results)")
+    return outcome
 
 
-def rebuild_exception(entry: ErrorEntry) -> BaseException:
-    """The exception a task raised, with its original type where it unpickles and the remote traceback attached."""
+def rebuild_exception(entry: ErrorEntry, trusted: bool = True) -> BaseException:
+    """The exception a task raised, with its original type where it unpickles and the remote traceback attached.
+
+    From untrusted workers only built-in exception types are rebuilt; others become RemoteError.
+    """
+    if not (isinstance(entry, tuple) and len(entry) == 4 and all(isinstance(x, str) for x in entry[1:])
+            and isinstance(entry[0], (bytes, type(None)))):
+        return SerializationError("a worker sent a malformed error report")
     data, type_name, message, text = entry
     exc: BaseException | None = None
     if data is not None:
         try:
-            exc = pickle.loads(data)
+            exc = pickle.loads(data) if trusted else safe_loads(data)
         except Exception:
             exc = None
     if not isinstance(exc, BaseException):

@@ -85,6 +85,8 @@ class ForemanServer:
     :param heartbeat_timeout: a worker silent this long is declared lost and its tasks reassigned.
     :param max_message_size: largest frame accepted from a peer; bounds memory per connection.
     :param max_task_losses: see :class:`~foreman.scheduler.Scheduler`.
+    :param trust_workers: load workers' results with full pickle. False: a restricted loader that only
+        rebuilds plain data (see :mod:`foreman.safe_pickle`), for fleets of strangers.
     :param http_port: serve the dashboard, JSON API and metrics on this port (0: any free one); None: no HTTP.
         A browser that opens the WebSocket port is redirected there.
     """
@@ -92,7 +94,7 @@ class ForemanServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
                  max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3,
-                 http_port: int | None = None) -> None:
+                 http_port: int | None = None, trust_workers: bool = True) -> None:
         if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         self.host = host
@@ -102,6 +104,7 @@ class ForemanServer:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size
         self.http_port = http_port
+        self.trust_workers = trust_workers
         self.http: HttpServer | None = None
         self.scheduler = Scheduler(time.monotonic, heartbeat_timeout, max_task_losses=max_task_losses)
         self.peers: dict[str, Peer] = {}
