@@ -99,6 +99,7 @@ class CloseCode(enum.IntEnum):
     HEARTBEAT_TIMEOUT = 4003
     REPLACED = 4004
     SHUTTING_DOWN = 4005
+    TRY_LATER = 4006  # refused for now (too many failed attempts from this address)
 
 
 #: Close codes after which a worker must not reconnect: retrying cannot succeed without a human.

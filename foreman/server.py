@@ -8,7 +8,6 @@ event loop; :mod:`foreman.client` crosses into it from user threads with ``call_
 from __future__ import annotations
 
 import asyncio
-import hmac
 import importlib
 import logging
 import time
@@ -22,6 +21,7 @@ from websockets.http11 import Request, Response
 from websockets.exceptions import ConnectionClosed
 
 from foreman import protocol
+from foreman.auth import CLIENT, Authenticator, Principal, RefusalLimiter
 from foreman.errors import ForemanClosedError, ProtocolError, TaskLostError
 from foreman.fleet import Fleet
 from foreman.protocol import CloseCode, Kind
@@ -35,6 +35,9 @@ log = logging.getLogger("crowdcompute.foreman")
 
 #: Seconds a new connection has to send its HELLO. Bounds what a silent peer can hold.
 HANDSHAKE_TIMEOUT = 10.0
+#: Messages a worker may send per second before its connection is closed. Batching keeps honest workers far
+#: below this; it bounds what a flood can cost the foreman.
+MAX_MESSAGES_PER_SECOND = 5_000
 
 
 class JobSink(Protocol):
@@ -68,6 +71,7 @@ class Peer:
     worker_id: str
     ws: ServerConnection
     hello: dict[str, Any]
+    principal: Principal
     connected_at: float = field(default_factory=time.time)
     outbound: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
     leaving: bool = False  # said DRAIN: its close is clean
@@ -79,8 +83,8 @@ class Peer:
 class ForemanServer:
     """Accepts workers, runs the scheduler against them, and reports outcomes to job sinks.
 
-    :param token: shared secret every worker must present; None accepts any worker (keep the foreman on
-        localhost then).
+    :param auth: who may connect (see :mod:`foreman.auth`); with no token at all any worker is accepted
+        (keep the foreman on localhost then).
     :param heartbeat_interval: how often workers are told to send a heartbeat.
     :param heartbeat_timeout: a worker silent this long is declared lost and its tasks reassigned.
     :param max_message_size: largest frame accepted from a peer; bounds memory per connection.
@@ -91,7 +95,7 @@ class ForemanServer:
         A browser that opens the WebSocket port is redirected there.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
+    def __init__(self, host: str = "127.0.0.1", port: int = 9000, auth: Authenticator | None = None,
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
                  max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3,
                  http_port: int | None = None, trust_workers: bool = True) -> None:
@@ -99,7 +103,9 @@ class ForemanServer:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         self.host = host
         self.port = port
-        self.token = token
+        self.auth = auth or Authenticator()
+        self.refusals = RefusalLimiter()
+        self.max_messages_per_second = MAX_MESSAGES_PER_SECOND
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size
@@ -138,7 +144,7 @@ class ForemanServer:
         if self.http_port is None:
             return
         http = await asyncio.to_thread(importlib.import_module, "foreman.http")
-        self.http = http.HttpServer(self, self.host, self.http_port, self.token)
+        self.http = http.HttpServer(self, self.host, self.http_port)
         self.http.start()
         log.info("dashboard at %s", self.http.url)
 
@@ -223,7 +229,14 @@ class ForemanServer:
         writer = asyncio.create_task(self._writer(peer))
         lost, reason = True, "connection lost"
         try:
+            window, messages = time.monotonic(), 0
             async for data in ws:
+                messages += 1
+                if messages > self.max_messages_per_second:
+                    now = time.monotonic()
+                    if now - window < 1.0:
+                        raise ProtocolError(f"more than {self.max_messages_per_second} messages in a second")
+                    window, messages = now, 1
                 self.bytes_in += len(data)
                 self.scheduler.touch(peer.worker_id)
                 self._on_message(peer, protocol.decode(data, self.max_message_size))
@@ -242,6 +255,9 @@ class ForemanServer:
 
     async def _handshake(self, ws: ServerConnection) -> Peer | None:
         address = ws.remote_address
+        if self.refusals.blocked(_host_of(address)):
+            await ws.close(CloseCode.TRY_LATER, "too many refused attempts from this address; retry later")
+            return None
         try:
             msg = protocol.decode(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.max_message_size)
             if msg.kind is not Kind.HELLO:
@@ -250,6 +266,7 @@ class ForemanServer:
             return None
         except ProtocolError as exc:
             log.warning("refused %s: %s", address, exc)
+            self.refusals.refused(_host_of(address))
             await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
             return None
         hello = msg.header
@@ -259,9 +276,12 @@ class ForemanServer:
             log.warning("refused %s (%s): %s", hello["worker_id"], address, reason)
             await ws.close(CloseCode.VERSION_MISMATCH, reason)
             return None
-        if not self._token_ok(hello["token"]):
-            reason = "token required" if hello["token"] is None else "invalid token"
+        principal = self.auth.identify(hello["token"])
+        if principal is None or principal.role == CLIENT:
+            reason = ("token required" if not hello["token"] else
+                      "invalid token" if principal is None else "a client token cannot join as a worker")
             log.warning("refused worker %s from %s: %s", hello["worker_id"], address, reason)
+            self.refusals.refused(_host_of(address))
             await ws.close(CloseCode.AUTH_FAILED, reason)
             return None
         if hello["concurrency"] < 1 or not hello["worker_id"]:
@@ -273,7 +293,7 @@ class ForemanServer:
             log.warning("worker %s reconnected: replacing its old connection", worker_id)
             self._drop(old, lost=True, reason="replaced by a new connection")
             _close_soon(old.ws, CloseCode.REPLACED, "replaced by a new connection of the same worker id")
-        peer = Peer(worker_id, ws, hello)
+        peer = Peer(worker_id, ws, hello, principal)
         self.peers[worker_id] = peer
         self.scheduler.add_worker(worker_id, hello["concurrency"], _env_of(hello))
         self.fleet.worker_joined(time.time(), worker_id, hello, _format_address(address))
@@ -284,11 +304,6 @@ class ForemanServer:
                  hello["python"])
         self._pump()
         return peer
-
-    def _token_ok(self, offered: str | None) -> bool:
-        if self.token is None:
-            return True
-        return offered is not None and hmac.compare_digest(offered.encode(), self.token.encode())
 
     async def _writer(self, peer: Peer) -> None:
         while True:
@@ -408,8 +423,13 @@ class ForemanServer:
             self.tick()
 
     def tick(self) -> None:
-        """Declare silent workers lost, sample activity, and say why waiting jobs wait."""
+        """Declare silent workers lost, apply token revocations, sample activity, say why waiting jobs wait."""
         self.fleet.sample(time.time())
+        revoked = {p.token for p in self.auth.reload_if_changed()}
+        for peer in [p for p in self.peers.values() if p.principal.token in revoked]:
+            log.warning("worker %s: its token was revoked, disconnecting it", peer.worker_id)
+            self._drop(peer, lost=False, reason="token revoked")
+            _close_soon(peer.ws, CloseCode.AUTH_FAILED, "token revoked")
         for worker_id in self.scheduler.expired():
             peer = self.peers.get(worker_id)
             if peer is None:
@@ -429,6 +449,10 @@ class ForemanServer:
 def _close_soon(ws: ServerConnection, code: int, reason: str) -> None:
     """Close without waiting: a silent peer may never answer the close handshake (close_timeout bounds it)."""
     asyncio.ensure_future(ws.close(code, reason))
+
+
+def _host_of(address: Any) -> str:
+    return str(address[0]) if isinstance(address, tuple) and address else str(address)
 
 
 def _close_description(ws: ServerConnection) -> str:
