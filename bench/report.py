@@ -199,10 +199,11 @@ def markdown(records: Records, names: list[str], skipped: dict[str, str], facts:
     out += main_table(records, names, skipped)
     for name, why in skipped.items():
         out.append(f"\n{LABELS.get(name, name)} skipped: {why}")
-    disturbed = sorted({f"{LABELS.get(r['backend'], r['backend'])} {r['workload']} ({r['foreign_cores']:.1f})"
-                        for r in records if (r.get("foreign_cores") or 0) >= 0.25})
+    disturbed = sorted({f"{LABELS.get(r['backend'], r['backend'])} {r['workload']} ({r['foreign_cores']:.2f})"
+                        for r in records if (r.get("foreign_cores") or 0) >= 0.15})
     if disturbed:
-        out.append("\nCaution, other work kept CPU cores busy (average cores) during: " + ", ".join(disturbed))
+        out.append("\nCaution: other work on the machine kept CPU busy (average cores; where a workload was rerun, "
+                   "the least disturbed attempt is shown) during: " + ", ".join(disturbed))
     errors = [r for r in records if r["metric"] == "error"]
     for r in errors:
         out.append(f"\nerror: {r['backend']} {r['workload']}: {r['error']}")
