@@ -14,12 +14,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m foreman",
         description="Run a CrowdCompute foreman: workers dial in to ws://HOST:PORT.",
-        epilog="Environment variables: CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_LOG_LEVEL.")
+        epilog="Environment variables: CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_TOKEN_FILE, CROWDCOMPUTE_LOG_LEVEL.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other needs --token)")
     parser.add_argument("--port", type=int, default=9000, help="port to listen on (0 picks a free one)")
     parser.add_argument("--token", default=os.environ.get("CROWDCOMPUTE_TOKEN"),
                         help="shared secret workers must present (env CROWDCOMPUTE_TOKEN)")
+    parser.add_argument("--token-file", default=os.environ.get("CROWDCOMPUTE_TOKEN_FILE"),
+                        help="TOML file of per-worker and per-client tokens ([workers] name = \"token\", "
+                             "[clients] ...), re-read when it changes (env CROWDCOMPUTE_TOKEN_FILE)")
     parser.add_argument("--http-port", type=int, default=None,
                         help="port of the dashboard, JSON API and metrics (default: --port + 1)")
     parser.add_argument("--no-dashboard", action="store_true", help="serve no HTTP dashboard or API")
@@ -36,15 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from foreman.addresses import is_loopback
 
-    if not is_loopback(args.host) and not args.token:
-        print("foreman: listening on a non-loopback address needs --token (workers run the code this foreman "
-              "sends, so it must not accept strangers)", file=sys.stderr)
+    if not is_loopback(args.host) and not (args.token or args.token_file):
+        print("foreman: listening on a non-loopback address needs --token or --token-file (workers run the code "
+              "this foreman sends, so it must not accept strangers)", file=sys.stderr)
         return 2
     from foreman.client import Foreman
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Foreman(host=args.host, port=args.port, token=args.token, local_workers=args.local_workers,
+    with Foreman(host=args.host, port=args.port, token=args.token, token_file=args.token_file,
+                 local_workers=args.local_workers,
                  heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
                  dashboard=not args.no_dashboard, http_port=args.http_port) as fm:
         print(f"foreman ready at {fm.address}", flush=True)

@@ -82,6 +82,11 @@ class Authenticator:
             self._mtime = self.token_file.stat().st_mtime
 
     @property
+    def principals(self) -> list[Principal]:
+        """The token file's principals (not the admin)."""
+        return list(self._principals)
+
+    @property
     def required(self) -> bool:
         return self.token is not None or self.token_file is not None
 

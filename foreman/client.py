@@ -12,6 +12,7 @@ from typing import Any
 
 from foreman import protocol
 from foreman.addresses import is_loopback
+from foreman.auth import WORKER, Authenticator
 from foreman.errors import ForemanClosedError
 from foreman.executor import ForemanExecutor
 from foreman.jobs import Job, SubmittedTask, _pickle_fitting
@@ -20,6 +21,11 @@ from foreman.serialization import dumps_function
 from foreman.server import ForemanServer
 
 log = logging.getLogger("crowdcompute.foreman")
+
+
+def _any_worker_token(auth: Authenticator) -> str | None:
+    """A token local workers can join with when only a token file was given."""
+    return next((p.token for p in auth.principals if p.role == WORKER), None)
 
 
 class Foreman:
@@ -32,7 +38,9 @@ class Foreman:
 
     :param host: address to listen on. Keep the default (loopback) unless a token is set.
     :param port: port to listen on; 0 picks a free one (see :attr:`address`).
-    :param token: shared secret workers must present.
+    :param token: the admin secret: workers may join with it, and the dashboard's control needs it.
+    :param token_file: a TOML file of per-worker and per-client tokens (see :mod:`foreman.auth`), re-read when
+        it changes; removing a worker's token disconnects that worker.
     :param local_workers: worker processes to start on this machine, through the same path as remote ones.
     :param heartbeat_interval: seconds between worker heartbeats.
     :param heartbeat_timeout: a worker silent this long is declared lost and its tasks are reassigned.
@@ -46,7 +54,7 @@ class Foreman:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
-                 local_workers: int = 0, heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
+                 local_workers: int = 0, token_file: str | None = None, heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
                  max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3,
                  dashboard: bool = True, http_port: int | None = None, trust_workers: bool | None = None) -> None:
         if local_workers < 0:
@@ -55,13 +63,14 @@ class Foreman:
             http_port = port + 1 if port else 0
         if trust_workers is None:
             trust_workers = is_loopback(host)
-        self._server = ForemanServer(host, port, token, heartbeat_interval, heartbeat_timeout, max_message_size,
+        auth = Authenticator(token, token_file)
+        self._server = ForemanServer(host, port, auth, heartbeat_interval, heartbeat_timeout, max_message_size,
                                      max_task_losses, http_port if dashboard else None, trust_workers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)
         self._thread.start()
         self._closed = False
-        self._local = LocalWorkers(token, heartbeat_interval)
+        self._local = LocalWorkers(token or _any_worker_token(auth), heartbeat_interval)
         try:
             self._call(self._server.start())
             self._local.start(self.address, local_workers)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from foreman.client import Foreman
+    from foreman.jobs import Job
 
 
 class ForemanExecutor(concurrent.futures.Executor):
@@ -41,6 +44,7 @@ class ForemanExecutor(concurrent.futures.Executor):
         self._lock = threading.Lock()
         self._shutdown = False
         self._futures: set[concurrent.futures.Future[Any]] = set()
+        self._maps: weakref.WeakSet[_MapResults] = weakref.WeakSet()  # unfinished map() iterators
 
     @property
     def foreman(self) -> Foreman:
@@ -66,9 +70,10 @@ class ForemanExecutor(concurrent.futures.Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            job = self._foreman.imap(fn, *iterables, chunksize=None if chunksize == 1 else chunksize,
-                                     timeout=timeout)
-        return _closing(job)
+            results = _MapResults(self._foreman.imap(fn, *iterables, chunksize=None if chunksize == 1 else chunksize,
+                                                     timeout=timeout))
+            self._maps.add(results)
+        return results
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -79,6 +84,8 @@ class ForemanExecutor(concurrent.futures.Executor):
                 future.cancel()
         if wait:
             concurrent.futures.wait(futures)
+            for results in list(self._maps):
+                results.fetch_all()  # as with ProcessPoolExecutor, map results outlive shutdown(wait=True)
             if self._owns_foreman:
                 self._foreman.close()
         elif self._owns_foreman:
@@ -93,9 +100,48 @@ class ForemanExecutor(concurrent.futures.Executor):
             self._futures.discard(future)
 
 
-def _closing(job: Any) -> Iterator[Any]:
-    """Iterate a job; leaving early (an exception, or the iterator dropped) cancels what is left."""
-    try:
-        yield from job
-    finally:
-        job.close()
+class _MapResults:
+    """The lazy iterator ``map`` returns. Leaving early (an exception, or dropping it) cancels what is left;
+    :meth:`fetch_all` pulls every remaining result into memory, so iteration can finish after shutdown."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self._fetched: deque[Any] = deque()
+        self._error: BaseException | None = None
+        self._done = False
+
+    def __iter__(self) -> _MapResults:
+        return self
+
+    def __next__(self) -> Any:
+        if self._fetched:
+            return self._fetched.popleft()
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._done = True
+            raise error
+        if self._done:
+            raise StopIteration
+        try:
+            return next(self._job)
+        except BaseException:
+            self._done = True
+            raise
+
+    def fetch_all(self) -> None:
+        if self._done or self._error is not None:
+            return
+        try:
+            self._fetched.extend(self._job)
+        except Exception as exc:  # raised when iteration reaches it, as it would have been
+            self._error = exc
+        self._done = not self._fetched and self._error is None
+
+    def close(self) -> None:
+        """Stop early: what is left is cancelled."""
+        self._done = True
+        self._fetched.clear()
+        self._job.close()
+
+    def __del__(self) -> None:
+        self._job.close()

@@ -3,15 +3,15 @@
 A FastAPI app served by uvicorn on the foreman's own event loop, so handlers read the server's state directly.
 Imported only when the dashboard is enabled: a worker never imports it.
 
-Access: with no token, everything is open (keep the foreman on loopback then). With a token, control endpoints
-(restart, cancel) always need it, and so does everything else for clients that are not on loopback. The token
-is accepted as ``Authorization: Bearer <token>``, or as the cookie set by the ``login`` form.
+Access: with no token, everything is open (keep the foreman on loopback then). With tokens, control endpoints
+(restart, cancel) always need an admin or client token (see :mod:`foreman.auth`; a worker token is not enough),
+and so does everything else for clients that are not on loopback. A token is accepted as
+``Authorization: Bearer <token>``, or as the cookie set by the ``login`` form.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import socket
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 import dashboard
 from foreman import views
 from foreman.addresses import is_loopback
+from foreman.auth import ADMIN, CLIENT
 from foreman.fleet import DURATION_BUCKETS
 
 if TYPE_CHECKING:
@@ -39,24 +40,26 @@ COOKIE = "crowdcompute_token"
 PUSH_INTERVAL = 1.0
 
 
-def create_app(server: ForemanServer, token: str | None) -> FastAPI:
+def create_app(server: ForemanServer) -> FastAPI:
     app = FastAPI(title="CrowdCompute foreman", docs_url="/api/docs", openapi_url="/api/openapi.json",
                   redoc_url=None)
     templates = dashboard.templates()
     registry = CollectorRegistry()
     registry.register(_Metrics(server))
 
+    auth = server.auth
+
     def authorized(request: Request | WebSocket) -> bool:
-        if token is None:
-            return True
         offered = request.cookies.get(COOKIE) or ""
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
             offered = header[7:].strip()
-        return hmac.compare_digest(offered.encode(), token.encode())
+        principal = auth.identify(offered)
+        return principal is not None and principal.role in (ADMIN, CLIENT)
 
     def may_read(request: Request | WebSocket) -> bool:
-        return token is None or is_loopback(request.client.host if request.client else "") or authorized(request)
+        return (not auth.required or is_loopback(request.client.host if request.client else "")
+                or authorized(request))
 
     def require_read(request: Request) -> None:
         if not may_read(request):
@@ -74,7 +77,7 @@ def create_app(server: ForemanServer, token: str | None) -> FastAPI:
         if not may_read(request):
             return RedirectResponse("login", status_code=303)
         return templates.TemplateResponse(request, "foreman.html", {
-            "title": "CrowdCompute foreman", "address": server.address, "token_required": token is not None})
+            "title": "CrowdCompute foreman", "address": server.address, "token_required": auth.required})
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     async def login_form(request: Request) -> Response:
@@ -83,7 +86,8 @@ def create_app(server: ForemanServer, token: str | None) -> FastAPI:
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
         offered = parse_qs((await request.body()).decode(errors="replace")).get("token", [""])[0]
-        if token is None or not hmac.compare_digest(offered.encode(), token.encode()):
+        principal = auth.identify(offered) if auth.required else None
+        if principal is None or principal.role not in (ADMIN, CLIENT):
             return templates.TemplateResponse(request, "login.html", {"title": "Log in", "error": "wrong token"},
                                               status_code=401)
         response = RedirectResponse("./", status_code=303)
@@ -169,7 +173,7 @@ class HttpServer:
     """uvicorn serving the app on the foreman's loop, on a socket bound up front (so port 0 and errors are
     known at once)."""
 
-    def __init__(self, server: ForemanServer, host: str, port: int, token: str | None) -> None:
+    def __init__(self, server: ForemanServer, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -177,7 +181,7 @@ class HttpServer:
         self.socket.listen(128)
         self.host = host
         self.port: int = self.socket.getsockname()[1]
-        config = uvicorn.Config(create_app(server, token), log_level="warning", lifespan="off",
+        config = uvicorn.Config(create_app(server), log_level="warning", lifespan="off",
                                 access_log=False, ws_max_size=1 << 20)
         self._uvicorn = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None

@@ -246,8 +246,8 @@ class Job:
         self._abort_error = error
         self._outcomes.put(_ABORTED)
 
-    def started(self) -> None:
-        pass
+    def started(self) -> bool:
+        return True
 
     def finished(self, cancelled: bool) -> None:
         self._cancelled = self._cancelled or cancelled
@@ -276,9 +276,20 @@ class SubmittedTask:
     def _on_future_done(self, future: concurrent.futures.Future[Any]) -> None:
         if future.cancelled():
             try:
-                self._foreman._post(lambda: self._foreman._server.cancel_job(self.id))
-            except RuntimeError:
-                pass
+                self._foreman._post(self._cancelled_by_user)
+            except RuntimeError:  # the foreman is closed
+                self._notify_cancelled()
+
+    def _cancelled_by_user(self) -> None:
+        self._notify_cancelled()
+        self._foreman._server.cancel_job(self.id)
+
+    def _notify_cancelled(self) -> None:
+        """Move a cancelled future to CANCELLED_AND_NOTIFIED, so wait() and as_completed() see it done."""
+        try:
+            self.future.set_running_or_notify_cancel()
+        except RuntimeError:
+            pass  # already notified
 
     def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float) -> None:
         try:
@@ -297,9 +308,11 @@ class SubmittedTask:
     def aborted(self, error: BaseException) -> None:
         self._settle(error, failed=True)
 
-    def started(self) -> None:
-        if not self.future.set_running_or_notify_cancel():
-            self._foreman._server.cancel_job(self.id)
+    def started(self) -> bool:
+        if self.future.cancelled():
+            self._notify_cancelled()
+            return False
+        return self.future.set_running_or_notify_cancel()  # False if cancelled just now, from another thread
 
     def finished(self, cancelled: bool) -> None:
         if cancelled and not self.future.cancel():  # already running: it cannot be marked cancelled

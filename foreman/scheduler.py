@@ -359,18 +359,22 @@ class Scheduler:
     # -- assignment ------------------------------------------------------------------------------------------
 
     def dispatch(self) -> list[Assignment]:
-        """Fill every free worker from the queues. Call after anything that frees a worker or adds work."""
+        """Fill free workers from the queues, one batch per worker per pass, least loaded first, so an idle
+        worker is served before a busy one gets its prefetch. Call after anything that frees a worker or adds
+        work."""
         out: list[Assignment] = []
-        if not self._runnable:
-            return out
-        for worker_id in list(self._free):
-            worker = self.workers[worker_id]
-            while worker.free and self._runnable:
-                batch = self._next_batch_for(worker)
-                if batch is None:
+        while self._runnable and self._free:
+            assigned = 0
+            idle_first = sorted(self._free, key=lambda w: len(self.workers[w].batches) / self.workers[w].slots)
+            for worker_id in idle_first:
+                worker = self.workers[worker_id]
+                batch = self._next_batch_for(worker) if worker.free else None
+                if batch is not None:
+                    out.append(self._assign(worker, batch))
+                    assigned += 1
+                if not self._runnable:
                     break
-                out.append(self._assign(worker, batch))
-            if not self._runnable:
+            if not assigned:
                 break
         return out
 

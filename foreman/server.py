@@ -49,7 +49,9 @@ class JobSink(Protocol):
 
     def aborted(self, error: BaseException) -> None: ...
 
-    def started(self) -> None: ...
+    def started(self) -> bool:
+        """The job's first batch is about to be sent; False cancels the job instead."""
+        ...
 
     def finished(self, cancelled: bool) -> None: ...
 
@@ -397,20 +399,26 @@ class ForemanServer:
         record.sink.finished(job.cancelled)
 
     def _pump(self) -> None:
-        """Send whatever the scheduler assigns now."""
+        """Send whatever the scheduler assigns now. A job's sink hears that it starts before its first batch is
+        sent, and may refuse (a future cancelled meanwhile): then nothing of it is sent and it is cancelled."""
+        refused: set[int] = set()
         for assignment in self.scheduler.dispatch():
-            self._send_assignment(assignment)
+            record = self.jobs[assignment.batch.job_id]
+            if not record.started:
+                record.started = True
+                if not record.sink.started():
+                    refused.add(record.id)
+            if record.id not in refused:
+                self._send_assignment(assignment, record)
+        for job_id in refused:
+            self.cancel_job(job_id)
 
-    def _send_assignment(self, assignment: Assignment) -> None:
+    def _send_assignment(self, assignment: Assignment, record: _JobRecord) -> None:
         peer = self.peers[assignment.worker_id]
         batch = assignment.batch
-        record = self.jobs[batch.job_id]
         if assignment.ship_function:
             peer.send(protocol.encode(Kind.JOB, {"job": record.id, "digest": record.digest, "call": record.call},
                                       record.function))
-        if not record.started:
-            record.started = True
-            record.sink.started()
         peer.send(protocol.encode(Kind.TASKS, {"job": batch.job_id, "start": batch.start, "count": batch.count},
                                   batch.payload))
 

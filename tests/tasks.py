@@ -77,3 +77,10 @@ def record_start(args: tuple[str, int]) -> int:
         f.write(f"{index}\n")
     time.sleep(30)
     return index
+
+
+def span(seconds: float) -> tuple[float, float]:
+    """Sleeps ``seconds``; returns its (start, end) wall-clock times, to tell whether tasks ran at the same time."""
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()

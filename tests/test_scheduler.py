@@ -413,7 +413,7 @@ def test_cancel_job_returns_running_and_clears_queue(s: Scheduler) -> None:
     s.dispatch()
     s.remove_worker("b", lost=True)  # b's two batches become suspects
     running = s.cancel_job(job.id)
-    assert sorted((w, b.start) for w, b in running) == [("a", 0), ("a", 1)]
+    assert sorted((w, b.start) for w, b in running) == [("a", 0), ("a", 2)]  # batches are spread: a, b, a, b
     assert job.finished and job.cancelled
     assert not job.queue and not job.suspects and job.live == {}
     assert all(b.state is State.CANCELLED and not b.holders for b in batches)
@@ -477,14 +477,14 @@ def test_busy_worker_reserved_for_waiting_suspect(s: Scheduler) -> None:
     job = s.add_job(ENV)
     b0, b1, b2, b3, b4, b5 = add_many(s, job.id, 6)
     s.dispatch()
-    assert held(s, "a") == [b0, b1] and held(s, "b") == [b2, b3]
-    s.crashed("b", *b3.key, reason="boom")  # b3 is a suspect; b still has b2 in flight
+    assert held(s, "a") == [b0, b2] and held(s, "b") == [b1, b3]  # one per worker per pass
+    s.crashed("b", *b3.key, reason="boom")  # b3 is a suspect; b still has b1 in flight
     assert b3.suspect and len(held(s, "b")) == 1
 
     assert s.dispatch() == []  # b has room, but b3 needs an idle worker: b is reserved instead
     done(s, "a", b0)
     assert [(x.worker_id, x.batch) for x in s.dispatch()] == [("a", b4)]  # a is not the reserved one
-    done(s, "b", b2)  # b is now empty
+    done(s, "b", b1)  # b is now empty
     assert [(x.worker_id, x.batch) for x in s.dispatch()] == [("b", b3)]
     assert s.workers["b"].exclusive
     done(s, "b", b3)

@@ -17,6 +17,8 @@ from worker.worker import FatalConnectionError, Worker
 
 
 def _env(name: str, default: str | None = None) -> str | None:
+    """A flag's default from the environment, as a string: argparse converts it with the flag's ``type``, so a
+    malformed value is a usage error like a malformed flag."""
     return os.environ.get(f"CROWDCOMPUTE_{name}", default)
 
 
@@ -31,21 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the foreman's address, ws://HOST:PORT (env CROWDCOMPUTE_FOREMAN)")
     parser.add_argument("--token", default=_env("TOKEN"), help="shared secret the foreman expects "
                         "(env CROWDCOMPUTE_TOKEN; prefer the variable: command lines are visible to other users)")
-    parser.add_argument("--concurrency", type=int, default=int(_env("CONCURRENCY") or cpu_count()),
+    parser.add_argument("--concurrency", type=int, default=_env("CONCURRENCY", str(cpu_count())),
                         help="tasks run at once, each in its own process (default: CPU count)")
     parser.add_argument("--worker-id", default=_env("WORKER_ID") or default_worker_id(),
                         help="stable name of this worker (default: hostname plus a random suffix)")
     parser.add_argument("--capabilities", default=_env("CAPABILITIES", ""),
                         help="comma-separated labels jobs may require, e.g. gpu,high-memory")
-    parser.add_argument("--heartbeat-interval", type=float, default=float(_env("HEARTBEAT_INTERVAL") or 5.0),
+    parser.add_argument("--heartbeat-interval", type=float, default=_env("HEARTBEAT_INTERVAL", "5"),
                         help="seconds between heartbeats until the foreman sets its own")
-    parser.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT") or 30.0),
+    parser.add_argument("--drain-timeout", type=float, default=_env("DRAIN_TIMEOUT", "30"),
                         help="on SIGTERM, seconds running tasks get to finish before being handed back")
     parser.add_argument("--no-reconnect", action="store_true", help="exit when the connection drops")
     parser.add_argument("--dashboard-host", default=_env("DASHBOARD_HOST", "127.0.0.1"),
                         help="address of the dashboard and HTTP API (default 127.0.0.1; any other needs a "
                              "--dashboard-token or --insecure)")
-    parser.add_argument("--dashboard-port", type=int, default=int(_env("DASHBOARD_PORT") or 8001),
+    parser.add_argument("--dashboard-port", type=int, default=_env("DASHBOARD_PORT", "8001"),
                         help="its port (default 8001; when taken, the next free one; 0: any free port)")
     parser.add_argument("--dashboard-token", default=_env("DASHBOARD_TOKEN"),
                         help="secret needed to restart the worker or watch it live (env CROWDCOMPUTE_DASHBOARD_TOKEN;"
