@@ -1,4 +1,5 @@
-"""``python -m foreman [--host H] [--port P] [--token T] [--local-workers N]``: run a foreman until stopped."""
+"""``python -m foreman [--host H] [--port P] [--token T] [--certfile C] [--local-workers N]``: run a foreman until
+stopped. ``python -m foreman --print-fingerprint CERT`` prints the fingerprint workers can pin."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import threading
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m foreman",
-        description="Run a CrowdCompute foreman: workers dial in to ws://HOST:PORT.",
-        epilog="Environment variables: CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_TOKEN_FILE, CROWDCOMPUTE_LOG_LEVEL.")
+        description="Run a CrowdCompute foreman: workers dial in to ws://HOST:PORT (wss:// with --certfile).",
+        epilog="Environment variables: CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_TOKEN_FILE, CROWDCOMPUTE_CERTFILE, "
+               "CROWDCOMPUTE_KEYFILE, CROWDCOMPUTE_LOG_LEVEL.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other needs --token)")
     parser.add_argument("--port", type=int, default=9000, help="port to listen on (0 picks a free one)")
@@ -23,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-file", default=os.environ.get("CROWDCOMPUTE_TOKEN_FILE"),
                         help="TOML file of per-worker and per-client tokens ([workers] name = \"token\", "
                              "[clients] ...), re-read when it changes (env CROWDCOMPUTE_TOKEN_FILE)")
+    parser.add_argument("--certfile", default=os.environ.get("CROWDCOMPUTE_CERTFILE"),
+                        help="PEM certificate (chain): serve wss:// and the dashboard over https; workers verify "
+                             "it with --cafile or pin it with --fingerprint (env CROWDCOMPUTE_CERTFILE)")
+    parser.add_argument("--keyfile", default=os.environ.get("CROWDCOMPUTE_KEYFILE"),
+                        help="the certificate's PEM private key, if not in --certfile (env CROWDCOMPUTE_KEYFILE)")
+    parser.add_argument("--print-fingerprint", metavar="CERT",
+                        help="print the SHA-256 fingerprint of a PEM certificate (for a worker's --fingerprint) "
+                             "and exit")
     parser.add_argument("--http-port", type=int, default=None,
                         help="port of the dashboard, JSON API and metrics (default: --port + 1)")
     parser.add_argument("--no-dashboard", action="store_true", help="serve no HTTP dashboard or API")
@@ -38,6 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from foreman.addresses import is_loopback
+    from foreman.tls import certificate_fingerprint
+
+    if args.print_fingerprint:
+        try:
+            print(certificate_fingerprint(args.print_fingerprint))
+        except (OSError, ValueError) as exc:
+            print(f"foreman: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.keyfile and not args.certfile:
+        print("foreman: --keyfile needs --certfile", file=sys.stderr)
+        return 2
 
     if not is_loopback(args.host) and not (args.token or args.token_file):
         print("foreman: listening on a non-loopback address needs --token or --token-file (workers run the code "
@@ -47,11 +69,20 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Foreman(host=args.host, port=args.port, token=args.token, token_file=args.token_file,
-                 local_workers=args.local_workers,
-                 heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
-                 dashboard=not args.no_dashboard, http_port=args.http_port) as fm:
+    try:
+        fm = Foreman(host=args.host, port=args.port, token=args.token, token_file=args.token_file,
+                     local_workers=args.local_workers,
+                     heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+                     dashboard=not args.no_dashboard, http_port=args.http_port, certfile=args.certfile,
+                     keyfile=args.keyfile)
+    except ValueError as exc:
+        print(f"foreman: {exc}", file=sys.stderr)
+        return 2
+    with fm:
         print(f"foreman ready at {fm.address}", flush=True)
+        if args.certfile:
+            print(f"workers pin its certificate with --fingerprint {certificate_fingerprint(args.certfile)} "
+                  "(or verify it with --cafile)", flush=True)
         if fm.dashboard_url:
             print(f"dashboard at {fm.dashboard_url}", flush=True)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -15,10 +16,11 @@ from foreman.addresses import is_loopback
 from foreman.auth import WORKER, Authenticator
 from foreman.errors import ForemanClosedError
 from foreman.executor import ForemanExecutor
-from foreman.jobs import Job, SubmittedTask, _pickle_fitting
+from foreman.jobs import Job, JobOptions, SubmittedTask, _pickle_fitting
 from foreman.local import LocalWorkers
 from foreman.serialization import dumps_function
 from foreman.server import ForemanServer
+from foreman.tls import certificate_fingerprint, server_context
 
 log = logging.getLogger("crowdcompute.foreman")
 
@@ -26,6 +28,26 @@ log = logging.getLogger("crowdcompute.foreman")
 def _any_worker_token(auth: Authenticator) -> str | None:
     """A token local workers can join with when only a token file was given."""
     return next((p.token for p in auth.principals if p.role == WORKER), None)
+
+
+class Options:
+    """A foreman with job options bound (``fm.options(...)``): the same ``submit``/``map``/``imap`` calls."""
+
+    def __init__(self, foreman: Foreman, options: JobOptions) -> None:
+        self._foreman = foreman
+        self._job_options = options
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        return self._foreman._submit(fn, args, kwargs, self._job_options)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **kwargs: Any) -> list[Any]:
+        return self._foreman.map(fn, *iterables, **{**dataclasses.asdict(self._job_options), **kwargs})
+
+    def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **kwargs: Any) -> Job:
+        return self._foreman.imap(fn, *iterables, **{**dataclasses.asdict(self._job_options), **kwargs})
+
+    def imap_unordered(self, fn: Callable[..., Any], *iterables: Iterable[Any], **kwargs: Any) -> Job:
+        return self._foreman.imap_unordered(fn, *iterables, **{**dataclasses.asdict(self._job_options), **kwargs})
 
 
 class Foreman:
@@ -51,26 +73,36 @@ class Foreman:
         only rebuilds plain data (builtins, containers, numbers, strings, bytes, registered safe types).
     :param dashboard: serve the fleet dashboard, JSON API and metrics over HTTP (see :attr:`dashboard_url`).
     :param http_port: the dashboard's port; default ``port + 1`` (any free port when ``port`` is 0).
+    :param certfile: serve ``wss://`` and the dashboard over https with this PEM certificate (chain); local
+        workers pin its fingerprint.
+    :param keyfile: its private key (default: in ``certfile``).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
                  local_workers: int = 0, token_file: str | None = None, heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
                  max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3,
-                 dashboard: bool = True, http_port: int | None = None, trust_workers: bool | None = None) -> None:
+                 dashboard: bool = True, http_port: int | None = None, trust_workers: bool | None = None,
+                 certfile: str | None = None, keyfile: str | None = None) -> None:
         if local_workers < 0:
             raise ValueError("local_workers must be >= 0")
         if dashboard and http_port is None:
             http_port = port + 1 if port else 0
         if trust_workers is None:
             trust_workers = is_loopback(host)
+        if keyfile and not certfile:
+            raise ValueError("keyfile needs a certfile")
+        tls = server_context(certfile, keyfile) if certfile else None
+        pin = certificate_fingerprint(certfile) if certfile else None
         auth = Authenticator(token, token_file)
         self._server = ForemanServer(host, port, auth, heartbeat_interval, heartbeat_timeout, max_message_size,
-                                     max_task_losses, http_port if dashboard else None, trust_workers)
+                                     max_task_losses, http_port if dashboard else None, trust_workers,
+                                     ssl_context=tls)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)
         self._thread.start()
         self._closed = False
-        self._local = LocalWorkers(token or _any_worker_token(auth), heartbeat_interval)
+        self._default_options = JobOptions()
+        self._local = LocalWorkers(token or _any_worker_token(auth), heartbeat_interval, pin)
         try:
             self._call(self._server.start())
             self._local.start(self.address, local_workers)
@@ -83,12 +115,12 @@ class Foreman:
 
     @property
     def address(self) -> str:
-        """The ``ws://host:port`` address workers dial."""
+        """The ``ws://host:port`` address workers dial (``wss://`` with a certfile)."""
         return self._server.address
 
     @property
     def dashboard_url(self) -> str | None:
-        """The ``http://`` address of the fleet dashboard and JSON API, or None when disabled."""
+        """The ``http://`` (``https://``) address of the fleet dashboard and JSON API, or None when disabled."""
         http = self._server.http
         return http.url if http is not None else None
 
@@ -108,42 +140,64 @@ class Foreman:
     # -- the job API -----------------------------------------------------------------------------------------
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
-            timeout: float | None = None, progress: bool = False) -> list[Any]:
+            timeout: float | None = None, progress: bool = False, **options: Any) -> list[Any]:
         """``[fn(*args) for args in zip(*iterables)]``, computed by the fleet, in input order.
 
-        Raises the first failing task's exception (with its remote traceback) once that result is reached.
-        ``progress=True`` shows a tqdm progress bar (terminal or notebook).
+        Raises the first failing task's exception (with its remote traceback) once that result is reached,
+        unless ``return_exceptions=True``. ``progress=True`` shows a tqdm progress bar (terminal or notebook).
+        ``timeout`` bounds the whole job. Other keywords are :class:`~foreman.jobs.JobOptions` (``requires``,
+        ``resources``, ``priority``, ``retries``, ``retry_on``, ``retry_backoff``, ``return_exceptions``).
         """
-        job = self.imap(fn, *iterables, chunksize=chunksize, timeout=timeout, progress=progress)
+        job = self.imap(fn, *iterables, chunksize=chunksize, timeout=timeout, progress=progress, **options)
         try:
             return list(job)
         finally:
             job.close()
 
     def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
-             timeout: float | None = None, progress: bool = False) -> Job:
+             timeout: float | None = None, progress: bool = False, **options: Any) -> Job:
         """A lazy iterator of results in input order; the input is consumed only as fast as results are."""
         self._check_open()
-        return Job(self, fn, iterables, chunksize, ordered=True, timeout=timeout, progress=progress)
+        return Job(self, fn, iterables, chunksize, True, timeout, progress, self._options(options))
 
     def imap_unordered(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
-                       timeout: float | None = None, progress: bool = False) -> Job:
+                       timeout: float | None = None, progress: bool = False, **options: Any) -> Job:
         """Like :meth:`imap`, yielding results as they complete."""
         self._check_open()
-        return Job(self, fn, iterables, chunksize, ordered=False, timeout=timeout, progress=progress)
+        return Job(self, fn, iterables, chunksize, False, timeout, progress, self._options(options))
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Run ``fn(*args, **kwargs)`` on a worker; returns a standard Future.
 
-        An unpicklable function or argument raises SerializationError here, in the caller.
+        An unpicklable function or argument raises SerializationError here, in the caller. For job options
+        (``requires``, ``retries``...), use ``fm.options(...).submit(fn, ...)``.
         """
+        return self._submit(fn, args, kwargs, self._default_options)
+
+    def options(self, **options: Any) -> Options:
+        """This foreman with job options set, for ``submit`` (and ``map``...):
+        ``fm.options(requires={"gpu"}, retries=2).submit(train, config)``."""
+        return Options(self, self._options(options))
+
+    def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                options: JobOptions) -> concurrent.futures.Future[Any]:
         self._check_open()
-        digest, function = dumps_function(fn)
+        digest, function = dumps_function(options.shipped(fn))
         limit = self._server.max_message_size - protocol.MAX_HEADER_SIZE
         ((_, _, payload),) = _pickle_fitting([(args, kwargs)], 0, limit)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        SubmittedTask(self, future, digest, function, payload, getattr(fn, "__qualname__", repr(fn)))
+        SubmittedTask(self, future, digest, function, payload, getattr(fn, "__qualname__", repr(fn)), options)
         return future
+
+    def _options(self, options: dict[str, Any]) -> JobOptions:
+        if "requires" in options:
+            options["requires"] = frozenset(options["requires"])
+        if "retry_on" in options and isinstance(options["retry_on"], type):
+            options["retry_on"] = (options["retry_on"],)
+        try:
+            return dataclasses.replace(self._default_options, **options)
+        except TypeError as exc:
+            raise TypeError(f"unknown job option: {exc}") from None
 
     def executor(self) -> ForemanExecutor:
         """A ``concurrent.futures.Executor`` over this foreman's fleet (its shutdown leaves the foreman up)."""

@@ -50,3 +50,8 @@ class TaskLostError(CrowdComputeError):
 
 class ForemanClosedError(CrowdComputeError):
     """The foreman was shut down (or the connection to it lost) before the work finished."""
+
+
+class TaskTimeoutError(CrowdComputeError):
+    """A task ran longer than the worker's ``--max-task-seconds`` cap and was stopped. Make the task shorter,
+    or run it on workers with a higher cap."""

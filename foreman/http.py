@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -171,9 +172,10 @@ def create_app(server: ForemanServer) -> FastAPI:
 
 class HttpServer:
     """uvicorn serving the app on the foreman's loop, on a socket bound up front (so port 0 and errors are
-    known at once)."""
+    known at once); over https with ``ssl_context`` (uvicorn wraps the given socket with it)."""
 
-    def __init__(self, server: ForemanServer, host: str, port: int) -> None:
+    def __init__(self, server: ForemanServer, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -181,15 +183,17 @@ class HttpServer:
         self.socket.listen(128)
         self.host = host
         self.port: int = self.socket.getsockname()[1]
-        config = uvicorn.Config(create_app(server), log_level="warning", lifespan="off",
-                                access_log=False, ws_max_size=1 << 20)
+        self.scheme = "https" if ssl_context else "http"
+        config = uvicorn.Config(create_app(server), log_level="warning", lifespan="off", access_log=False,
+                                ws_max_size=1 << 20,
+                                ssl_context_factory=(lambda *_: ssl_context) if ssl_context else None)
         self._uvicorn = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        return f"{self.scheme}://{host}:{self.port}/"
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._uvicorn.serve(sockets=[self.socket]))

@@ -9,16 +9,19 @@ through a queue. The user's thread iterates the job, decoding and re-ordering re
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import operator
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from foreman import protocol
 from foreman.errors import SerializationError
+from foreman.retry import Retrying
 from foreman.serialization import dumps_function, dumps_items, loads_results, rebuild_exception
 
 if TYPE_CHECKING:
@@ -72,16 +75,53 @@ class Batcher:
         return size
 
 
+@dataclass(frozen=True)
+class JobOptions:
+    """How a job runs; given as keyword arguments to ``map``/``imap``/``imap_unordered`` or ``fm.options()``.
+
+    :param requires: capabilities a worker must advertise (``{"gpu"}``; every worker has ``cpu``; workers with an
+        NVIDIA GPU have ``gpu`` and ``cuda``, with 32 GiB or more ``high-memory``; others come from
+        ``--capabilities``).
+    :param resources: minimum amounts a worker must have: ``cpu``, ``memory_gb``, ``gpu``, ``gpu_memory_gb``.
+    :param priority: higher runs first; jobs of equal priority share the fleet round-robin.
+    :param retries: calls of a task that raises (a ``retry_on`` type) are retried this many times in the task
+        process, with exponential backoff from ``retry_backoff`` seconds. Lost workers count separately
+        (poison-task rule).
+    :param return_exceptions: yield a failed task's exception in its place instead of raising it.
+    """
+
+    requires: frozenset[str] = frozenset()
+    resources: dict[str, float] = field(default_factory=dict)
+    priority: int = 0
+    retries: int = 0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    retry_backoff: float = 0.1
+    return_exceptions: bool = False
+
+    def shipped(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """What the workers run: ``fn`` itself, or ``fn`` wrapped to retry."""
+        return Retrying(fn, self.retries, self.retry_on, self.retry_backoff) if self.retries else fn
+
+    def placement(self) -> dict[str, Any]:
+        return {"requires": frozenset(self.requires), "resources": dict(self.resources), "priority": self.priority}
+
+
 class Job:
-    """A running ``map``: iterate it for results; ``cancel()`` stops it. Returned by ``Foreman.imap``."""
+    """A running ``map``: iterate it for results; ``cancel()`` stops it. Returned by ``Foreman.imap``.
+
+    ``failures`` lists the tasks that failed so far (as iteration reaches them): index, exception type,
+    message, remote traceback and worker.
+    """
 
     def __init__(self, foreman: Foreman, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
                  chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, options: JobOptions = JobOptions()) -> None:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        digest, function = dumps_function(fn)
+        digest, function = dumps_function(options.shipped(fn))
         self.name = getattr(fn, "__qualname__", repr(fn))
+        self.options = options
+        self.failures: list[dict[str, Any]] = []
         self._foreman = foreman
         self._ordered = ordered
         self._deadline = None if timeout is None else time.monotonic() + timeout
@@ -101,7 +141,8 @@ class Job:
         self._finished = False
         self._abort_error: BaseException | None = None
         self.tasks_done = 0
-        self.id: int = foreman._call(foreman._server.add_job, digest, function, call, self, self.name, self.total)
+        self.id: int = foreman._call(functools.partial(foreman._server.add_job, digest, function, call, self,
+                                                       self.name, self.total, **options.placement()))
         self._feeder = threading.Thread(target=self._feed, name=f"crowdcompute-feeder-{self.id}", daemon=True)
         self._feeder.start()
         self._progress = progress
@@ -135,7 +176,7 @@ class Job:
         return self.tasks_done, self.total
 
     def _iterate(self) -> Iterator[Any]:
-        buffered: dict[int, tuple[int, Any, BaseException | None]] = {}
+        buffered: dict[int, tuple[int, int, Any, BaseException | None, str | None]] = {}
         next_index = 0
         finished = False
         bar = _progress_bar(self.name, self.total) if self._progress else None
@@ -159,29 +200,43 @@ class Job:
                         assert self._abort_error is not None
                         raise self._abort_error
                     else:
-                        start, count, payload, error = outcome
-                        buffered[start] = (count, payload, error)
+                        start, count, payload, error, worker = outcome
+                        buffered[start] = (start, count, payload, error, worker)
                     continue
-                count, payload, error = entry
+                start, count, payload, error, worker = entry
                 self._consumed()
                 if bar is not None:
                     bar.update(count)
                 if error is not None:
-                    raise error
-                results, errors = loads_results(payload, count, self._trusted)
-                if errors:
-                    for index, value in enumerate(results):
-                        if index in errors:
-                            raise rebuild_exception(errors[index], self._trusted)
-                        yield value
+                    if count == 0:  # the input itself failed (the iterable raised, an argument won't pickle)
+                        raise error
+                    for index in range(start, start + count):
+                        yield self._failed(index, error, worker)
                 else:
-                    yield from results
+                    results, errors = loads_results(payload, count, self._trusted)
+                    if errors:
+                        for offset, value in enumerate(results):
+                            if offset in errors:
+                                value = self._failed(start + offset, rebuild_exception(errors[offset],
+                                                                                       self._trusted), worker)
+                            yield value
+                    else:
+                        yield from results
                 next_index += count
         finally:
             if bar is not None:
                 bar.close()
             if not self._finished:
                 self.cancel()
+
+    def _failed(self, index: int, error: BaseException, worker: str | None) -> BaseException:
+        """Record a failed task; raise its error, or return it in place with ``return_exceptions``."""
+        self.failures.append({"task": index, "type": f"{type(error).__module__}.{type(error).__qualname__}",
+                              "message": str(error), "traceback": getattr(error, "remote_traceback", ""),
+                              "worker": worker})
+        if self.options.return_exceptions:
+            return error
+        raise error
 
     def _next_outcome(self) -> Any:
         if self._deadline is None:
@@ -224,7 +279,7 @@ class Job:
         except BaseException as exc:  # the iterable raised, or an argument would not pickle
             with self._room:
                 self._outstanding += 1
-            self._outcomes.put((index, 0, None, exc))
+            self._outcomes.put((index, 0, None, exc, None))
         finally:
             try:
                 self._foreman._post(self._foreman._server.close_input, self.id)
@@ -233,14 +288,14 @@ class Job:
 
     # -- the event loop's side (JobSink) ---------------------------------------------------------------------
 
-    def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float) -> None:
+    def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float, worker: str) -> None:
         self._batcher.observe_time(count, elapsed)
         self.tasks_done += count
-        self._outcomes.put((start, count, payload, None))
+        self._outcomes.put((start, count, payload, None, worker))
 
     def fail(self, start: int, count: int, error: BaseException) -> None:
         self.tasks_done += count
-        self._outcomes.put((start, count, None, error))
+        self._outcomes.put((start, count, None, error, None))
 
     def aborted(self, error: BaseException) -> None:
         self._abort_error = error
@@ -259,14 +314,14 @@ class SubmittedTask:
     """One ``submit()`` call: a job of a single task, resolved into a concurrent.futures.Future."""
 
     def __init__(self, foreman: Foreman, future: concurrent.futures.Future[Any], digest: str, function: bytes,
-                 payload: bytes, name: str) -> None:
+                 payload: bytes, name: str, options: JobOptions = JobOptions()) -> None:
         self._foreman = foreman
         self.future = future
         self.id = 0
         server = foreman._server
 
         def register() -> None:
-            self.id = server.add_job(digest, function, protocol.CALL_FULL, self, name, 1)
+            self.id = server.add_job(digest, function, protocol.CALL_FULL, self, name, 1, **options.placement())
             server.add_batch(self.id, 0, 1, payload)
             server.close_input(self.id)
 
@@ -291,7 +346,7 @@ class SubmittedTask:
         except RuntimeError:
             pass  # already notified
 
-    def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float) -> None:
+    def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float, worker: str) -> None:
         try:
             results, errors = loads_results(payload, 1, self._foreman._server.trust_workers)
         except SerializationError as exc:

@@ -15,11 +15,13 @@ class LocalWorkers:
 
     Each runs one task at a time, so ``n`` local workers use ``n`` cores, like ``multiprocessing.Pool(n)``.
     They inherit this process's import path, so functions pickled by reference (from importable modules) load.
+    With a ``fingerprint`` (a TLS foreman's certificate), they pin it: no CA or hostname needed.
     """
 
-    def __init__(self, token: str | None, heartbeat_interval: float) -> None:
+    def __init__(self, token: str | None, heartbeat_interval: float, fingerprint: str | None = None) -> None:
         self.token = token
         self.heartbeat_interval = heartbeat_interval
+        self.fingerprint = fingerprint
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self, address: str, n: int) -> None:
@@ -33,6 +35,8 @@ class LocalWorkers:
                        "--worker-id", f"local-{os.getpid()}-{index}", "--parent-pid", str(os.getpid()),
                        "--heartbeat-interval", str(self.heartbeat_interval), "--log-level", "WARNING",
                        "--no-dashboard"]
+            if self.fingerprint:
+                command += ["--fingerprint", self.fingerprint]
             self.processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
 
     def stop(self, timeout: float = 5.0) -> None:

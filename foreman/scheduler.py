@@ -77,6 +77,7 @@ class Batch:
     holders: set[str] = field(default_factory=set)  # workers it is in flight on
     assigned_at: float = 0.0
     last_loss: str = ""
+    speculated: bool = False  # a second copy was started on another worker
 
     @property
     def suspect(self) -> bool:
@@ -102,6 +103,9 @@ class Job:
     id: int
     env: str  # environment fingerprint a worker must match to receive this job's function
     created: float
+    requires: frozenset[str] = frozenset()  # capabilities a worker must advertise
+    resources: dict[str, float] = field(default_factory=dict)  # minimum amounts a worker must have
+    priority: int = 0  # higher first; equal priorities share workers round-robin
     queue: deque[Batch] = field(default_factory=deque)  # ordinary batches, in order
     suspects: deque[Batch] = field(default_factory=deque)  # batches that lost a worker; run alone
     live: dict[int, Batch] = field(default_factory=dict)  # start -> batch, queued or assigned
@@ -110,6 +114,7 @@ class Job:
     tasks_total: int = 0
     tasks_done: int = 0
     tasks_failed: int = 0
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # recent batch run times
 
     @property
     def finished(self) -> bool:
@@ -129,6 +134,8 @@ class Worker:
     env: str
     capacity: int  # batches it may hold: slots plus prefetch
     last_seen: float
+    capabilities: frozenset[str] = frozenset()
+    resources: dict[str, float] = field(default_factory=dict)
     batches: dict[tuple[int, int, int], Batch] = field(default_factory=dict)
     jobs: set[int] = field(default_factory=set)  # jobs whose function it has been sent
     exclusive: bool = False  # running a suspect batch: gets nothing else
@@ -174,10 +181,14 @@ class Scheduler:
     :param prefetch: batches queued on a worker beyond its running slots, so it never waits for its next batch.
         Each costs memory on the worker and work redone if the worker is lost.
     :param max_task_losses: a task in flight on this many workers that died in a row is failed as poison.
+    :param speculation: at the tail of a job (its input all queued, its queue empty), a batch in flight for
+        longer than this many times the job's typical time per task is also started on an idle worker; the
+        first result wins and the other copy is cancelled. Costs duplicate work at the tail of a job, saves
+        waiting for its slowest volunteer. None turns it off.
     """
 
     def __init__(self, clock: Callable[[], float], heartbeat_timeout: float = 30.0, prefetch: int | None = None,
-                 max_task_losses: int = 3) -> None:
+                 max_task_losses: int = 3, speculation: float | None = 3.0) -> None:
         if heartbeat_timeout <= 0:
             raise ValueError("heartbeat_timeout must be > 0")
         if max_task_losses < 1:
@@ -186,6 +197,7 @@ class Scheduler:
         self.heartbeat_timeout = heartbeat_timeout
         self.prefetch = prefetch
         self.max_task_losses = max_task_losses
+        self.speculation = speculation
         self.jobs: dict[int, Job] = {}
         self.workers: dict[str, Worker] = {}
         self._by_last_seen: OrderedDict[str, None] = OrderedDict()  # least recently heard from first
@@ -196,18 +208,21 @@ class Scheduler:
         self.capacity = 0  # batches all workers may hold; read by feeder threads, so a plain int
         self.slots = 0  # tasks all workers run at once
         self.reassigned = 0
+        self.speculated = 0
         self.duplicates_dropped = 0
         self.workers_lost = 0
 
     # -- workers ---------------------------------------------------------------------------------------------
 
-    def add_worker(self, worker_id: str, slots: int, env: str) -> Worker:
+    def add_worker(self, worker_id: str, slots: int, env: str, capabilities: frozenset[str] = frozenset(),
+                   resources: dict[str, float] | None = None) -> Worker:
         if worker_id in self.workers:
             raise ValueError(f"worker {worker_id!r} is already connected")
         if slots < 1:
             raise ValueError("a worker needs at least one slot")
         prefetch = slots if self.prefetch is None else self.prefetch
-        worker = Worker(worker_id, slots, env, slots + prefetch, self.clock())
+        worker = Worker(worker_id, slots, env, slots + prefetch, self.clock(), frozenset(capabilities),
+                        dict(resources or {}))
         self.workers[worker_id] = worker
         self.capacity += worker.capacity
         self.slots += slots
@@ -261,8 +276,9 @@ class Scheduler:
 
     # -- jobs ------------------------------------------------------------------------------------------------
 
-    def add_job(self, env: str) -> Job:
-        job = Job(next(self._job_ids), env, self.clock())
+    def add_job(self, env: str, requires: frozenset[str] = frozenset(), resources: dict[str, float] | None = None,
+                priority: int = 0) -> Job:
+        job = Job(next(self._job_ids), env, self.clock(), frozenset(requires), dict(resources or {}), priority)
         self.jobs[job.id] = job
         return job
 
@@ -330,6 +346,7 @@ class Scheduler:
         job = self.jobs[job_id]
         del job.live[start]
         job.tasks_done += count
+        job.durations.append((self.clock() - batch.assigned_at) / count)
         batch.payload = b""
         return Completion(batch, others)
 
@@ -376,6 +393,31 @@ class Scheduler:
                     break
             if not assigned:
                 break
+        if self.speculation is not None:
+            out.extend(self._speculate())
+        return out
+
+    def _speculate(self) -> list[Assignment]:
+        """Start second copies of slow batches on idle workers, at the tail of jobs with nothing queued."""
+        out: list[Assignment] = []
+        now = self.clock()
+        idle = [self.workers[w] for w in self._free if not self.workers[w].batches]
+        for worker in idle:
+            best, best_lateness = None, 1.0
+            for job in self.jobs.values():
+                if not job.input_closed or job.has_queued or len(job.durations) < 5 or not can_run(worker, job):
+                    continue  # only at the true tail of a job, once its typical task time is known
+                typical = sorted(job.durations)[len(job.durations) // 2]
+                for batch in job.live.values():
+                    if batch.state is not State.ASSIGNED or batch.speculated or batch.suspect:
+                        continue
+                    lateness = (now - batch.assigned_at) / max(typical * batch.count * self.speculation, 1e-3)
+                    if lateness > best_lateness:
+                        best, best_lateness = batch, lateness
+            if best is not None:
+                best.speculated = True
+                self.speculated += 1
+                out.append(self._assign(worker, best))
         return out
 
     def _next_batch_for(self, worker: Worker) -> Batch | None:
@@ -385,7 +427,8 @@ class Scheduler:
         it gets nothing new until it has emptied, then takes a suspect. Without this, a steady stream of
         ordinary batches could keep every worker busy and the suspects waiting forever.
         """
-        eligible = [self.jobs[j] for j in self._runnable if self.jobs[j].env == worker.env]
+        eligible = [self.jobs[j] for j in self._runnable if can_run(worker, self.jobs[j])]
+        eligible.sort(key=lambda job: -job.priority)  # stable: round-robin order among equal priorities
         waiting = [job for job in eligible if job.suspects]
         if worker.id == self._reserved:
             if worker.batches and waiting:
@@ -394,7 +437,7 @@ class Scheduler:
         if not worker.batches:
             for job in waiting:
                 return self._pop(job, job.suspects)
-        elif self._reserved is None and waiting and not self._idle_worker_for(waiting[0].env):
+        elif self._reserved is None and waiting and not self._idle_worker_for(waiting[0]):
             self._reserved = worker.id
             return None
         for job in eligible:
@@ -404,8 +447,12 @@ class Scheduler:
                 return self._pop(job, job.queue)
         return None
 
-    def _idle_worker_for(self, env: str) -> bool:
-        return any(not w.batches and not w.draining and w.env == env for w in self.workers.values())
+    def _idle_worker_for(self, job: Job) -> bool:
+        return any(not w.batches and not w.draining and can_run(w, job) for w in self.workers.values())
+
+    def can_be_served(self, job: Job) -> bool:
+        """Whether any connected worker could run this job (else it waits for one to join)."""
+        return any(can_run(w, job) for w in self.workers.values())
 
     def _pop(self, job: Job, queue: deque[Batch]) -> Batch:
         batch = queue.popleft()
@@ -414,10 +461,11 @@ class Scheduler:
         return batch
 
     def _assign(self, worker: Worker, batch: Batch) -> Assignment:
+        if batch.state is State.QUEUED:  # a speculative second copy keeps the first copy's start time
+            batch.assigned_at = self.clock()
         _move(batch, Event.ASSIGN)
         batch.holders.add(worker.id)
         batch.attempts += 1
-        batch.assigned_at = self.clock()
         worker.batches[batch.key] = batch
         if batch.suspect:
             worker.exclusive = True
@@ -474,6 +522,12 @@ class Scheduler:
     def _mark_runnable(self, job: Job) -> None:
         if job.id not in self._runnable:
             self._runnable.append(job.id)
+
+
+def can_run(worker: Worker, job: Job) -> bool:
+    """A worker may run a job: same environment, every required capability, at least the resources asked."""
+    return (worker.env == job.env and job.requires <= worker.capabilities
+            and all(worker.resources.get(name, 0) >= amount for name, amount in job.resources.items()))
 
 
 def _split(batch: Batch) -> Iterable[Batch]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ MAX_MESSAGES_PER_SECOND = 5_000
 class JobSink(Protocol):
     """Receives a job's outcomes on the event loop (implemented by :mod:`foreman.jobs`)."""
 
-    def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float) -> None: ...
+    def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float, worker: str) -> None:
+        ...
 
     def fail(self, start: int, count: int, error: BaseException) -> None: ...
 
@@ -95,12 +97,14 @@ class ForemanServer:
         rebuilds plain data (see :mod:`foreman.safe_pickle`), for fleets of strangers.
     :param http_port: serve the dashboard, JSON API and metrics on this port (0: any free one); None: no HTTP.
         A browser that opens the WebSocket port is redirected there.
+    :param ssl_context: serve ``wss://`` (and the dashboard over https) with it (see :mod:`foreman.tls`).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, auth: Authenticator | None = None,
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
                  max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3,
-                 http_port: int | None = None, trust_workers: bool = True) -> None:
+                 http_port: int | None = None, trust_workers: bool = True,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         self.host = host
@@ -113,6 +117,7 @@ class ForemanServer:
         self.max_message_size = max_message_size
         self.http_port = http_port
         self.trust_workers = trust_workers
+        self.ssl_context = ssl_context
         self.http: HttpServer | None = None
         self.scheduler = Scheduler(time.monotonic, heartbeat_timeout, max_task_losses=max_task_losses)
         self.peers: dict[str, Peer] = {}
@@ -128,14 +133,14 @@ class ForemanServer:
 
     @property
     def address(self) -> str:
-        """The ``ws://host:port`` address workers dial."""
+        """The ``ws://host:port`` (with TLS, ``wss://``) address workers dial."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}"
+        return f"{'wss' if self.ssl_context else 'ws'}://{host}:{self.port}"
 
     async def start(self) -> None:
         self._server = await serve(self._handle, self.host, self.port, max_size=self.max_message_size,
                                    compression=None, ping_interval=None, open_timeout=HANDSHAKE_TIMEOUT,
-                                   close_timeout=2, process_request=self._plain_http)
+                                   close_timeout=2, process_request=self._plain_http, ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = asyncio.create_task(self._tick_forever())
         log.info("foreman listening on %s", self.address)
@@ -146,7 +151,7 @@ class ForemanServer:
         if self.http_port is None:
             return
         http = await asyncio.to_thread(importlib.import_module, "foreman.http")
-        self.http = http.HttpServer(self, self.host, self.http_port)
+        self.http = http.HttpServer(self, self.host, self.http_port, self.ssl_context)
         self.http.start()
         log.info("dashboard at %s", self.http.url)
 
@@ -158,7 +163,7 @@ class ForemanServer:
             return connection.respond(HTTPStatus.UPGRADE_REQUIRED,
                                       "CrowdCompute foreman: workers connect here over WebSocket.\n")
         host = request.headers.get("Host", self.host).rsplit(":", 1)[0]
-        location = f"http://{host}:{self.http.port}{request.path}"
+        location = f"{'https' if self.ssl_context else 'http'}://{host}:{self.http.port}{request.path}"
         response = connection.respond(HTTPStatus.FOUND, f"The dashboard is at {location}\n")
         response.headers["Location"] = location
         return response
@@ -185,8 +190,9 @@ class ForemanServer:
     # -- jobs (called on the loop by the client layer) --------------------------------------------------------
 
     def add_job(self, digest: str, function: bytes, call: str, sink: JobSink, name: str = "?",
-                total: int | None = None) -> int:
-        job = self.scheduler.add_job(ENV_FINGERPRINT)
+                total: int | None = None, requires: frozenset[str] = frozenset(),
+                resources: dict[str, float] | None = None, priority: int = 0) -> int:
+        job = self.scheduler.add_job(ENV_FINGERPRINT, requires, resources, priority)
         self.jobs[job.id] = _JobRecord(job.id, digest, function, call, sink)
         self.fleet.job_added(time.time(), job.id, name, total)
         return job.id
@@ -297,7 +303,8 @@ class ForemanServer:
             _close_soon(old.ws, CloseCode.REPLACED, "replaced by a new connection of the same worker id")
         peer = Peer(worker_id, ws, hello, principal)
         self.peers[worker_id] = peer
-        self.scheduler.add_worker(worker_id, hello["concurrency"], _env_of(hello))
+        capabilities, resources = describe_worker(hello)
+        self.scheduler.add_worker(worker_id, hello["concurrency"], _env_of(hello), capabilities, resources)
         self.fleet.worker_joined(time.time(), worker_id, hello, _format_address(address))
         await ws.send(protocol.encode(Kind.WELCOME, {
             "session": self.session, "heartbeat_interval": self.heartbeat_interval,
@@ -365,7 +372,7 @@ class ForemanServer:
                 errors = header.get("errors", [])
                 self.fleet.batch_done(time.time(), peer.worker_id, job_id, start, count, elapsed, failed,
                                       errors if isinstance(errors, list) else [])
-                record.sink.deliver(start, count, payload, elapsed)
+                record.sink.deliver(start, count, payload, elapsed, peer.worker_id)
                 self._maybe_finish(job_id)
         elif status == protocol.STATUS_CRASHED:
             reason = f"{header.get('error', 'the task process died')} on worker {peer.worker_id}"
@@ -445,11 +452,12 @@ class ForemanServer:
             log.warning("worker %s silent for %.0fs: declared lost", worker_id, self.heartbeat_timeout)
             self._drop(peer, lost=True, reason=f"no heartbeat for {self.heartbeat_timeout:g}s")
             _close_soon(peer.ws, CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat within the timeout")
+        self._pump()  # a batch may have become slow enough to run a second copy of
         for job in self.scheduler.jobs.values():
-            if job.has_queued and job.id not in self._waiting_logged and time.monotonic() - job.created > 5:
-                if not any(w.env == job.env for w in self.scheduler.workers.values()):
+            if job.has_queued and job.id not in self._waiting_logged and time.monotonic() - job.created > 2:
+                if not self.scheduler.can_be_served(job):
                     self._waiting_logged.add(job.id)
-                    message = f"job {job.id} is waiting: no connected worker runs {job.env}"
+                    message = f"job {job.id} is waiting: no connected worker has {_needs(job)}"
                     log.warning("%s", message)
                     self.fleet.event(time.time(), "waiting", message)
 
@@ -474,6 +482,26 @@ def _format_address(address: Any) -> str:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(address)
+
+
+def describe_worker(hello: dict[str, Any]) -> tuple[frozenset[str], dict[str, float]]:
+    """A worker's capabilities and resources from its HELLO: its own labels plus what its machine shows."""
+    gpus = [g for g in hello.get("gpus") or [] if isinstance(g, dict)]
+    memory = hello.get("memory") if isinstance(hello.get("memory"), (int, float)) else 0
+    labels = {str(c) for c in hello["capabilities"]} | {"cpu"}
+    if gpus:
+        labels |= {"gpu", "cuda"}
+    if memory >= 32 * 2**30:
+        labels.add("high-memory")
+    resources = {"cpu": float(hello.get("cpu_count") or hello["concurrency"]), "memory_gb": memory / 2**30,
+                 "gpu": float(len(gpus)),
+                 "gpu_memory_gb": min((g.get("memory_total") or 0) / 2**30 for g in gpus) if gpus else 0.0}
+    return frozenset(labels), resources
+
+
+def _needs(job: Any) -> str:
+    parts = [job.env] + sorted(job.requires) + [f"{k} >= {v:g}" for k, v in sorted(job.resources.items())]
+    return ", ".join(parts)
 
 
 def _env_of(hello: dict[str, Any]) -> str:

@@ -34,7 +34,10 @@ def job_view(server: ForemanServer, record: JobRecord) -> dict[str, Any]:
                 running += batch.count
             else:
                 queued += batch.count
-    return record.to_json(time.time(), running, queued)
+    view = record.to_json(time.time(), running, queued)
+    if live is not None and live.has_queued and not server.scheduler.can_be_served(live):
+        view["state"] = "waiting"  # no connected worker can run it (requirements or environment)
+    return view
 
 
 def workers(server: ForemanServer) -> list[dict[str, Any]]:
