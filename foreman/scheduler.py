@@ -56,6 +56,10 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.ASSIGNED, Event.CANCEL): State.CANCELLED,
 }
 
+#: Seconds a batch must have been in flight before a speculative copy is considered: below this, killing and
+#: restarting a task process costs more than waiting.
+SPECULATION_MIN_AGE = 0.25
+
 TERMINAL = frozenset({State.DONE, State.FAILED, State.SPLIT, State.CANCELLED})
 
 
@@ -181,9 +185,10 @@ class Scheduler:
     :param prefetch: batches queued on a worker beyond its running slots, so it never waits for its next batch.
         Each costs memory on the worker and work redone if the worker is lost.
     :param max_task_losses: a task in flight on this many workers that died in a row is failed as poison.
-    :param speculation: at the tail of a job (its input all queued, its queue empty), a batch in flight for
-        longer than this many times the job's typical time per task is also started on an idle worker; the
-        first result wins and the other copy is cancelled. Costs duplicate work at the tail of a job, saves
+    :param speculation: when a job has no queued batch for an idle worker (its tail, or an ordered job held up
+        by its oldest batch), a batch in flight for longer than this many times the job's typical time (and at
+        least :data:`SPECULATION_MIN_AGE`) is also started on the idle worker; the first result wins and the
+        other copy is cancelled. Costs duplicate work at the tail of a job, saves
         waiting for its slowest volunteer. None turns it off.
     """
 
@@ -405,13 +410,14 @@ class Scheduler:
         for worker in idle:
             best, best_lateness = None, 1.0
             for job in self.jobs.values():
-                if not job.input_closed or job.has_queued or len(job.durations) < 5 or not can_run(worker, job):
-                    continue  # only at the true tail of a job, once its typical task time is known
+                if job.has_queued or len(job.durations) < 5 or not can_run(worker, job):
+                    continue  # only when the job has nothing else for idle workers, once its task time is known
                 typical = sorted(job.durations)[len(job.durations) // 2]
                 for batch in job.live.values():
                     if batch.state is not State.ASSIGNED or batch.speculated or batch.suspect:
                         continue
-                    lateness = (now - batch.assigned_at) / max(typical * batch.count * self.speculation, 1e-3)
+                    expected = max(typical * batch.count * self.speculation, SPECULATION_MIN_AGE)
+                    lateness = (now - batch.assigned_at) / expected
                     if lateness > best_lateness:
                         best, best_lateness = batch, lateness
             if best is not None:
