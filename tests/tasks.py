@@ -84,3 +84,21 @@ def span(seconds: float) -> tuple[float, float]:
     start = time.time()
     time.sleep(seconds)
     return start, time.time()
+
+
+def flaky(args: tuple[str, int]) -> int:
+    """Fails the first ``failures`` calls (counted in a file), then returns the number of calls made."""
+    path, failures = args
+    with open(path, "a") as f:
+        f.write("x")
+    with open(path) as f:
+        calls = len(f.read())
+    if calls <= failures:
+        raise ConnectionError(f"flaky failure {calls}")
+    return calls
+
+
+def slow_where_marked(x: int) -> tuple[int, int]:
+    """Slow (2 s) on a worker started with CROWDCOMPUTE_TEST_SLOW=1, quick elsewhere: a straggling volunteer."""
+    time.sleep(2.0 if os.environ.get("CROWDCOMPUTE_TEST_SLOW") else 0.01)
+    return x, os.getppid()
