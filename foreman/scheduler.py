@@ -332,13 +332,20 @@ class Scheduler:
 
     # -- results ---------------------------------------------------------------------------------------------
 
-    def complete(self, worker_id: str, job_id: int, start: int, count: int) -> Completion | None:
-        """A worker returned a batch's results. None if they are stale or a duplicate: drop them."""
+    def complete(self, worker_id: str, job_id: int, start: int, count: int,
+                 holders_only: bool = False) -> Completion | None:
+        """A worker returned a batch's results. None if they are stale or a duplicate: drop them.
+
+        A result from a worker that does not hold the batch (one that reconnected, and finished work it was
+        given before) is accepted unless ``holders_only``: a foreman that does not trust its workers takes a
+        batch's results only from a worker it sent that batch to.
+        """
         batch = self._live_batch(job_id, start, count)
         worker = self.workers.get(worker_id)
         if worker is not None:
             self._release(worker, (job_id, start, count))
-        if batch is None or batch.state is not State.ASSIGNED:
+        if (batch is None or batch.state is not State.ASSIGNED
+                or (holders_only and worker_id not in batch.holders)):
             self.duplicates_dropped += 1
             return None
         _move(batch, Event.COMPLETE)

@@ -360,7 +360,7 @@ class ForemanServer:
         job_id, start, count, status = header["job"], header["start"], header["count"], header["status"]
         scheduler = self.scheduler
         if status == protocol.STATUS_OK:
-            done = scheduler.complete(peer.worker_id, job_id, start, count)
+            done = scheduler.complete(peer.worker_id, job_id, start, count, holders_only=not self.trust_workers)
             if done is not None:
                 record = self.jobs[job_id]
                 for other in done.cancel_on:
