@@ -10,8 +10,12 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
+from foreman.tls import parse_fingerprint
 from worker.config import WorkerConfig, default_worker_id
+from worker.limits import parse_size
 from worker.sysinfo import cpu_count
 from worker.worker import FatalConnectionError, Worker
 
@@ -22,15 +26,35 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"CROWDCOMPUTE_{name}", default)
 
 
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` that shows the parser's own message for a bad value."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m worker",
         description="Run a CrowdCompute worker: dial out to a foreman and run the tasks it sends.",
         epilog="Environment variables: CROWDCOMPUTE_FOREMAN, CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_CONCURRENCY, "
                "CROWDCOMPUTE_WORKER_ID, CROWDCOMPUTE_CAPABILITIES, CROWDCOMPUTE_LOG_LEVEL, "
-               "CROWDCOMPUTE_DASHBOARD_HOST, CROWDCOMPUTE_DASHBOARD_PORT, CROWDCOMPUTE_DASHBOARD_TOKEN.")
+               "CROWDCOMPUTE_DASHBOARD_HOST, CROWDCOMPUTE_DASHBOARD_PORT, CROWDCOMPUTE_DASHBOARD_TOKEN, "
+               "CROWDCOMPUTE_CAFILE, CROWDCOMPUTE_FINGERPRINT, CROWDCOMPUTE_MAX_TASK_SECONDS, "
+               "CROWDCOMPUTE_MAX_MEMORY.")
     parser.add_argument("foreman_url", nargs="?", default=_env("FOREMAN", "ws://127.0.0.1:9000"),
-                        help="the foreman's address, ws://HOST:PORT (env CROWDCOMPUTE_FOREMAN)")
+                        help="the foreman's address, ws://HOST:PORT, or wss://HOST:PORT for TLS "
+                             "(env CROWDCOMPUTE_FOREMAN)")
     parser.add_argument("--token", default=_env("TOKEN"), help="shared secret the foreman expects "
                         "(env CROWDCOMPUTE_TOKEN; prefer the variable: command lines are visible to other users)")
     parser.add_argument("--concurrency", type=int, default=_env("CONCURRENCY", str(cpu_count())),
@@ -44,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout", type=float, default=_env("DRAIN_TIMEOUT", "30"),
                         help="on SIGTERM, seconds running tasks get to finish before being handed back")
     parser.add_argument("--no-reconnect", action="store_true", help="exit when the connection drops")
+    parser.add_argument("--cafile", default=_env("CAFILE"),
+                        help="wss:// only: verify the foreman's certificate against this PEM CA file instead of "
+                             "the system's CA store (env CROWDCOMPUTE_CAFILE)")
+    parser.add_argument("--fingerprint", type=_checked(parse_fingerprint), default=_env("FINGERPRINT"),
+                        metavar="sha256:HEX",
+                        help="wss:// only: accept only a foreman certificate with this SHA-256 fingerprint (its "
+                             "operator gets it from python -m foreman --print-fingerprint CERT; env "
+                             "CROWDCOMPUTE_FINGERPRINT)")
+    parser.add_argument("--max-task-seconds", type=_checked(_seconds), default=_env("MAX_TASK_SECONDS"),
+                        metavar="S", help="your cap on one task's run time: a task running longer fails with "
+                                          "TaskTimeoutError (env CROWDCOMPUTE_MAX_TASK_SECONDS)")
+    parser.add_argument("--max-memory", type=_checked(parse_size), default=_env("MAX_MEMORY"), metavar="SIZE",
+                        help="your cap on a task process's memory (address space), e.g. 512M or 2G: a task "
+                             "allocating more gets MemoryError (env CROWDCOMPUTE_MAX_MEMORY; POSIX)")
     parser.add_argument("--dashboard-host", default=_env("DASHBOARD_HOST", "127.0.0.1"),
                         help="address of the dashboard and HTTP API (default 127.0.0.1; any other needs a "
                              "--dashboard-token or --insecure)")
@@ -72,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
             parent_pid=args.parent_pid, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
             dashboard_port=args.dashboard_port, dashboard_token=args.dashboard_token,
-            dashboard_insecure=args.insecure)
+            dashboard_insecure=args.insecure, cafile=args.cafile, fingerprint=args.fingerprint,
+            max_task_seconds=args.max_task_seconds, max_memory=args.max_memory)
     except ValueError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from typing import Any
 
 from foreman.protocol import CALL_ONE, CALL_STAR
 from foreman.serialization import ErrorEntry, dumps_results, error_entry
+from worker.limits import Limits, TaskGuard
 
 #: Functions kept unpickled per child; older ones are dropped and asked for again if needed.
 FUNCTION_CACHE_SIZE = 32
@@ -34,28 +35,32 @@ MAX_ERRORS_SUMMARY = 20
 _COUNT = struct.Struct(">I")
 
 
-def run_batch(fn: Any, call: str, items: list[Any]) -> tuple[list[Any], dict[int, ErrorEntry]]:
-    """Apply ``fn`` to every item; an exception becomes that task's error and the batch goes on."""
+def run_batch(fn: Any, call: str, items: list[Any], guard: TaskGuard) -> tuple[list[Any], dict[int, ErrorEntry]]:
+    """Apply ``fn`` to every item under ``guard``; an exception becomes that task's error and the batch goes on."""
     results: list[Any] = []
     errors: dict[int, ErrorEntry] = {}
     append = results.append
     for item in items:
         try:
-            if call == CALL_ONE:
-                append(fn(item))
-            elif call == CALL_STAR:
-                append(fn(*item))
-            else:
-                append(fn(*item[0], **item[1]))
+            with guard:
+                if call == CALL_ONE:
+                    value = fn(item)
+                elif call == CALL_STAR:
+                    value = fn(*item)
+                else:
+                    value = fn(*item[0], **item[1])
+            append(value)
         except BaseException as exc:  # noqa: BLE001 - SystemExit in a task must not end the child
-            errors[len(results)] = error_entry(exc, skip_frames=1)
+            errors[len(results)] = error_entry(guard.explain(exc), skip_frames=1)
             append(None)
     return results, errors
 
 
-def child_main(conn: Connection, parent_pid: int) -> None:
-    """Serve batches until the parent closes the pipe or dies."""
+def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
+    """Serve batches, each task within the worker's ``limits``, until the parent closes the pipe or dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, which stops us itself
+    limits.apply_memory_cap()
+    guard = TaskGuard(limits)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     functions: OrderedDict[str, Any] = OrderedDict()
     while True:
@@ -77,7 +82,7 @@ def child_main(conn: Connection, parent_pid: int) -> None:
         if failure is not None:
             results, errors = [None] * count, {i: failure.entry for i in range(count)}
         else:
-            results, errors = run_batch(fn, call, items)
+            results, errors = run_batch(fn, call, items, guard)
         summary = _summarise(errors) if errors else b""
         conn.send_bytes(b"R" + _COUNT.pack(len(summary)) + summary + dumps_results(results, errors))
 

@@ -7,9 +7,12 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from foreman import protocol
+from foreman.tls import parse_fingerprint
 from worker import sysinfo
+from worker.limits import Limits
 
 
 def default_worker_id() -> str:
@@ -31,7 +34,7 @@ def is_loopback(host: str) -> bool:
 class WorkerConfig:
     """How a worker runs. Field names follow the prototype, so its users' configs keep working.
 
-    :param foreman_url: the foreman's ``ws://host:port`` address.
+    :param foreman_url: the foreman's ``ws://host:port`` address; ``wss://`` for TLS.
     :param worker_id: a stable name; a worker that reconnects under the same id replaces its old connection.
     :param token: the shared secret the foreman expects, if it has one.
     :param max_concurrent_tasks: task processes run at once (default: CPU count).
@@ -50,6 +53,12 @@ class WorkerConfig:
         the dashboard is off loopback). Not the foreman's token: that one is shared with the foreman.
     :param dashboard_insecure: allow a non-loopback dashboard without a token (anyone who reaches it can restart
         the worker).
+    :param cafile: for ``wss://``: verify the foreman's certificate (and hostname) against this PEM CA file
+        instead of the system's CA store.
+    :param fingerprint: for ``wss://``: the foreman's certificate must have this SHA-256 fingerprint
+        (``sha256:HEX``); without ``cafile`` no CA is consulted.
+    :param max_task_seconds: a task running longer fails with TaskTimeoutError (the volunteer's cap).
+    :param max_memory: bytes of address space a task process may use; beyond it a task gets MemoryError.
     """
 
     foreman_url: str = "ws://127.0.0.1:9000"
@@ -69,12 +78,25 @@ class WorkerConfig:
     dashboard_port: int = 8001
     dashboard_token: str | None = None
     dashboard_insecure: bool = False
+    cafile: str | None = None
+    fingerprint: str | None = None
+    max_task_seconds: float | None = None
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_concurrent_tasks < 1:
             raise ValueError("max_concurrent_tasks must be >= 1")
         if not self.foreman_url.startswith(("ws://", "wss://")):
             raise ValueError(f"foreman_url must start with ws:// or wss://, got {self.foreman_url!r}")
+        if (self.cafile or self.fingerprint) and not self.foreman_url.startswith("wss://"):
+            raise ValueError(f"--cafile and --fingerprint verify a TLS foreman: give a wss:// address, not "
+                             f"{self.foreman_url}")
+        if self.fingerprint is not None:
+            self.fingerprint = parse_fingerprint(self.fingerprint)
+        if self.max_task_seconds is not None and self.max_task_seconds <= 0:
+            raise ValueError(f"max_task_seconds must be > 0, got {self.max_task_seconds}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ValueError(f"max_memory must be > 0 bytes, got {self.max_memory}")
         if not 0 <= self.dashboard_port <= 65535:
             raise ValueError(f"dashboard_port must be between 0 and 65535, got {self.dashboard_port}")
         if (self.dashboard and not is_loopback(self.dashboard_host) and not self.dashboard_token
@@ -82,3 +104,14 @@ class WorkerConfig:
             raise ValueError(f"a dashboard on {self.dashboard_host} would let anyone who reaches it restart this "
                              "worker: set a dashboard token (--dashboard-token or CROWDCOMPUTE_DASHBOARD_TOKEN), "
                              "or pass --insecure")
+
+    @property
+    def limits(self) -> Limits:
+        """The volunteer's caps on each task."""
+        return Limits(self.max_task_seconds, self.max_memory)
+
+    @property
+    def token_in_clear(self) -> bool:
+        """A token would travel unencrypted beyond this machine (``ws://`` to a non-loopback host)."""
+        host = urlsplit(self.foreman_url).hostname or ""
+        return bool(self.token) and self.foreman_url.startswith("ws://") and not is_loopback(host)

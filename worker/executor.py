@@ -2,7 +2,8 @@
 
 Each slot is a thread that owns one child process: it takes the next batch from a shared queue, hands it to its
 child over a pipe, and waits for the reply while the event loop stays free. A crash kills only that child (the
-slot reports it and starts a new one); a batch to be cancelled is stopped by killing its child.
+slot reports it and starts a new one); a batch to be cancelled is stopped by killing its child, and so is one
+that overruns the worker's ``--max-task-seconds`` (the backstop to the timer in the child, see :mod:`worker.limits`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from foreman.protocol import STATUS_CRASHED, STATUS_OK
 from worker.child import child_main
+from worker.limits import Limits
 
 log = logging.getLogger("crowdcompute.worker")
 
@@ -66,13 +68,15 @@ class Executor:
     :param concurrency: child processes, i.e. batches running at once.
     :param on_outcome: called on the event loop with each :class:`Outcome`.
     :param start_method: multiprocessing start method; ``spawn`` (the default) behaves alike on every platform.
+    :param limits: the volunteer's caps on each task's memory and run time.
     """
 
     def __init__(self, concurrency: int, on_outcome: Callable[[Outcome], None],
-                 loop: asyncio.AbstractEventLoop, start_method: str = "spawn") -> None:
+                 loop: asyncio.AbstractEventLoop, start_method: str = "spawn", limits: Limits = Limits()) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self.concurrency = concurrency
+        self.limits = limits
         self._on_outcome = on_outcome
         self._loop = loop
         self._context = multiprocessing.get_context(start_method)
@@ -83,6 +87,7 @@ class Executor:
         self._slots = [_Slot(self, i) for i in range(concurrency)]
 
     def start(self) -> None:
+        self.limits.log_unenforced()
         for slot in self._slots:
             slot.thread.start()
 
@@ -165,8 +170,8 @@ class _Slot:
     def _spawn(self) -> None:
         context = self.executor._context
         parent, child = context.Pipe()
-        process = context.Process(target=child_main, args=(child, os.getpid()), daemon=True,
-                                  name=f"crowdcompute-task-{self.index}")
+        process = context.Process(target=child_main, args=(child, os.getpid(), self.executor.limits),
+                                  daemon=True, name=f"crowdcompute-task-{self.index}")
         process.start()
         child.close()
         self.process, self.conn, self.known = process, parent, set()
@@ -201,6 +206,9 @@ class _Slot:
                 reply = self._ask(item, False)
         except (EOFError, OSError, BrokenPipeError):
             return self._died(item)
+        except _Overrun:
+            self.kill()
+            return self._died(item, self.executor.limits.overrun(item.count))
         elapsed = time.monotonic() - item.started
         size = _COUNT.unpack_from(reply, 1)[0]
         start = 1 + _COUNT.size
@@ -212,9 +220,12 @@ class _Slot:
         fn = None if child_has_function else item.function
         self.conn.send((item.digest, fn, item.call, item.count, item.payload))
         self.known.add(item.digest)
+        allowed = self.executor.limits.batch_seconds(item.count)
+        if allowed is not None and not self.conn.poll(max(0.0, item.started + allowed - time.monotonic())):
+            raise _Overrun
         return self.conn.recv_bytes()
 
-    def _died(self, item: WorkItem) -> Outcome:
+    def _died(self, item: WorkItem, error: str | None = None) -> Outcome:
         process = self.process
         if process is not None:
             process.join(timeout=5)
@@ -224,7 +235,7 @@ class _Slot:
             status = item.stop_reason
             return Outcome(item, status, elapsed=elapsed, error=f"stopped ({status})")
         code = process.exitcode if process is not None else None
-        return Outcome(item, STATUS_CRASHED, elapsed=elapsed, error=describe_exit(code))
+        return Outcome(item, STATUS_CRASHED, elapsed=elapsed, error=error or describe_exit(code))
 
     def _shutdown(self) -> None:
         if self.conn is not None:
@@ -232,6 +243,10 @@ class _Slot:
         if self.process is not None:
             self.process.join(timeout=2)
             self.kill()
+
+
+class _Overrun(Exception):
+    """A batch outlived ``count`` × ``--max-task-seconds`` plus a grace: its process is to be killed."""
 
 
 def describe_exit(code: int | None) -> str:

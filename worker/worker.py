@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import signal
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import cloudpickle
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from foreman import protocol
+from foreman import protocol, tls
 from foreman.errors import AuthenticationError, ProtocolError, VersionMismatchError
 from foreman.protocol import CloseCode, Kind
 from worker import sysinfo
@@ -51,7 +52,7 @@ class WorkerStats:
 
 
 class FatalConnectionError(Exception):
-    """The foreman refused us for a reason retrying cannot fix."""
+    """The foreman refused us, or could not be verified (TLS), for a reason retrying cannot fix."""
 
 
 def backoff_delay(attempt: int, cap: float, base: float = 0.2) -> float:
@@ -103,7 +104,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self.executor = Executor(self.config.max_concurrent_tasks, self._on_outcome, loop,
-                                 self.config.start_method)
+                                 self.config.start_method, self.config.limits)
         self.executor.start()
         self._install_signal_handlers(loop)
         watchers = [asyncio.create_task(self._watch_parent())] if self.config.parent_pid else []
@@ -185,15 +186,27 @@ class Worker:
     async def _connect_loop(self) -> None:
         assert self._stop is not None and self._wake is not None
         attempt = 0
+        context = _client_tls(self.config)
+        if self.config.token_in_clear:
+            log.warning("the token travels in clear text over ws:// to %s, readable on the network like the code "
+                        "and data: prefer wss:// (a foreman with --certfile, a worker with --cafile or "
+                        "--fingerprint)", self.config.foreman_url)
         while not self._stop.is_set():
             try:
                 async with connect(self.config.foreman_url, max_size=self.config.max_message_size,
                                    compression=None, ping_interval=None, open_timeout=10,
-                                   close_timeout=2) as ws:
+                                   close_timeout=2, ssl=context) as ws:
                     self._ws = ws
+                    _check_pin(ws, self.config)
                     await self._serve(ws)
             except FatalConnectionError:
                 raise
+            except ssl.SSLCertVerificationError as exc:
+                raise FatalConnectionError(
+                    f"cannot verify the foreman at {self.config.foreman_url} against "
+                    f"{self.config.cafile or 'the system CA store'}: {exc.verify_message}; not sending the token. "
+                    f"Give the CA that signed its certificate with --cafile, or pin the certificate with "
+                    f"--fingerprint ({tls.FINGERPRINT_HELP})") from exc
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
                 self.last_error = _describe(exc)
                 level = logging.INFO if self.connected or self._stop.is_set() else logging.WARNING
@@ -426,6 +439,29 @@ def reexec(worker_id: str) -> NoReturn:
     os.execv(sys.executable, argv)
 
 
+def _client_tls(config: WorkerConfig) -> ssl.SSLContext | None:
+    """The TLS context for a ``wss://`` foreman (None for ``ws://``); FatalConnectionError if --cafile won't load."""
+    if not config.foreman_url.startswith("wss://"):
+        return None
+    try:
+        return tls.client_context(config.cafile, pinned=config.fingerprint is not None)
+    except OSError as exc:
+        raise FatalConnectionError(f"cannot load the CA file {config.cafile} (--cafile): {exc}") from exc
+
+
+def _check_pin(ws: ClientConnection, config: WorkerConfig) -> None:
+    """With --fingerprint, the foreman's certificate must match it before anything is sent."""
+    if config.fingerprint is None:
+        return
+    actual = tls.fingerprint(ws.transport.get_extra_info("ssl_object").getpeercert(binary_form=True))
+    if actual != config.fingerprint:
+        ws.transport.abort()
+        raise FatalConnectionError(
+            f"the foreman at {config.foreman_url} presented a certificate with fingerprint {actual}, not the "
+            f"pinned {config.fingerprint} (--fingerprint); not sending the token. If its certificate was "
+            f"replaced on purpose, pin the new one ({tls.FINGERPRINT_HELP})")
+
+
 def _raise_if_refused(exc: ConnectionClosed) -> None:
     if exc.rcvd is not None:
         _raise_if_refused_code(exc.rcvd.code, exc.rcvd.reason)
@@ -448,4 +484,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionClosed):
         frame = exc.rcvd or exc.sent
         return f"connection closed ({frame.code} {frame.reason})" if frame else "connection lost"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc} (is the foreman serving wss://, i.e. started with --certfile?)"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
