@@ -88,6 +88,9 @@ class JobOptions:
         process, with exponential backoff from ``retry_backoff`` seconds. Lost workers count separately
         (poison-task rule).
     :param return_exceptions: yield a failed task's exception in its place instead of raising it.
+    :param task_timeout: seconds one task may run: a timer in the task process raises TaskTimeoutError in the
+        task, and a task stuck where it cannot (in C code) has its process killed (then it counts as a crash and
+        reruns elsewhere, up to the poison-task rule). A worker's own ``--max-task-seconds`` still applies.
     """
 
     requires: frozenset[str] = frozenset()
@@ -97,13 +100,15 @@ class JobOptions:
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     retry_backoff: float = 0.1
     return_exceptions: bool = False
+    task_timeout: float | None = None
 
     def shipped(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """What the workers run: ``fn`` itself, or ``fn`` wrapped to retry."""
         return Retrying(fn, self.retries, self.retry_on, self.retry_backoff) if self.retries else fn
 
     def placement(self) -> dict[str, Any]:
-        return {"requires": frozenset(self.requires), "resources": dict(self.resources), "priority": self.priority}
+        return {"requires": frozenset(self.requires), "resources": dict(self.resources), "priority": self.priority,
+                "task_timeout": self.task_timeout}
 
 
 class Job:

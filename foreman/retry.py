@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from foreman.errors import TaskTimeoutError
+
 
 class Retrying:
     """Call ``fn``; on an exception of a ``retry_on`` type, wait ``backoff * 2**attempt`` seconds (at most
@@ -36,7 +38,7 @@ class Retrying:
             try:
                 return self.fn(*args, **kwargs)
             except self.retry_on as exc:
-                if attempt == self.retries:
+                if attempt == self.retries or isinstance(exc, TaskTimeoutError):  # the time is used up
                     try:
                         exc.retry_attempts = attempt + 1  # type: ignore[attr-defined]
                     except AttributeError:

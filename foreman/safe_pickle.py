@@ -23,6 +23,7 @@ _SAFE: set[tuple[str, str]] = {
     ("collections", "OrderedDict"), ("collections", "deque"), ("collections", "Counter"),
     ("datetime", "datetime"), ("datetime", "date"), ("datetime", "time"), ("datetime", "timedelta"),
     ("datetime", "timezone"), ("decimal", "Decimal"), ("fractions", "Fraction"), ("uuid", "UUID"),
+    ("foreman.errors", "TaskTimeoutError"),  # raised by the worker's own time limits
     ("copyreg", "_reconstructor"),  # plain-object rebuild; the class it names must itself be allowed
 }
 

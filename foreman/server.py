@@ -65,6 +65,7 @@ class _JobRecord:
     function: bytes
     call: str
     sink: JobSink
+    task_timeout: float | None = None
     started: bool = False
 
 
@@ -191,9 +192,12 @@ class ForemanServer:
 
     def add_job(self, digest: str, function: bytes, call: str, sink: JobSink, name: str = "?",
                 total: int | None = None, requires: frozenset[str] = frozenset(),
-                resources: dict[str, float] | None = None, priority: int = 0) -> int:
+                resources: dict[str, float] | None = None, priority: int = 0,
+                task_timeout: float | None = None) -> int:
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError("task_timeout must be > 0")
         job = self.scheduler.add_job(ENV_FINGERPRINT, requires, resources, priority)
-        self.jobs[job.id] = _JobRecord(job.id, digest, function, call, sink)
+        self.jobs[job.id] = _JobRecord(job.id, digest, function, call, sink, task_timeout)
         self.fleet.job_added(time.time(), job.id, name, total)
         return job.id
 
@@ -424,8 +428,10 @@ class ForemanServer:
         peer = self.peers[assignment.worker_id]
         batch = assignment.batch
         if assignment.ship_function:
-            peer.send(protocol.encode(Kind.JOB, {"job": record.id, "digest": record.digest, "call": record.call},
-                                      record.function))
+            header = {"job": record.id, "digest": record.digest, "call": record.call}
+            if record.task_timeout is not None:
+                header["task_timeout"] = record.task_timeout
+            peer.send(protocol.encode(Kind.JOB, header, record.function))
         peer.send(protocol.encode(Kind.TASKS, {"job": batch.job_id, "start": batch.start, "count": batch.count},
                                   batch.payload))
 

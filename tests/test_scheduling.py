@@ -100,3 +100,18 @@ def test_a_straggler_gets_a_speculative_copy(spawn_worker) -> None:
         # The slow worker's batches were rerun on the fast one; the job did not wait out all of them.
         assert sum(pid == fast.pid for _, pid in results) >= 34, (elapsed, scheduler.speculated)
         assert slow.poll() is None and fm._server.scheduler.workers_lost == 0
+
+
+def test_task_timeout_stops_a_task_and_the_worker_goes_on(fleet) -> None:
+    from foreman.errors import TaskTimeoutError
+    from tasks import sleep_then
+
+    fm, _, _ = fleet
+    started = time.monotonic()
+    results = fm.map(sleep_then, [0.01, 5.0, 0.02], task_timeout=1.0, return_exceptions=True, chunksize=3)
+    assert time.monotonic() - started < 4
+    assert results[0] == 0.01 and results[2] == 0.02
+    assert isinstance(results[1], TaskTimeoutError) and "task_timeout of 1 s" in str(results[1])
+    assert fm.map(sleep_then, [0.01]) == [0.01]  # no timeout left behind on the worker
+    with pytest.raises(ValueError, match="task_timeout"):
+        fm.map(square, [1], task_timeout=0)

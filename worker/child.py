@@ -1,7 +1,7 @@
 """The child process that runs task batches. One batch at a time; killed and replaced if it hangs or crashes.
 
 Requests (from the parent, by ``Connection.send``):
-``(digest, function bytes or None, call style, number of tasks, payload)``.
+``(digest, function bytes or None, call style, number of tasks, payload, the job's task_timeout or None)``.
 Replies (``send_bytes``): ``b"N"`` when the function for ``digest`` must be sent again, or
 ``b"R" + <u32 n> + <n bytes: JSON summary of failed tasks, empty when none> + <pickled results and errors>``.
 The summary (``{"failed": count, "errors": [[index, type, message], ...]}``, at most :data:`MAX_ERRORS_SUMMARY`
@@ -65,7 +65,7 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
     functions: OrderedDict[str, Any] = OrderedDict()
     while True:
         try:
-            digest, fn_bytes, call, count, payload = conn.recv()
+            digest, fn_bytes, call, count, payload, task_timeout = conn.recv()
         except (EOFError, OSError):
             return
         if fn_bytes is not None:
@@ -82,6 +82,7 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
         if failure is not None:
             results, errors = [None] * count, {i: failure.entry for i in range(count)}
         else:
+            guard.for_job(task_timeout)
             results, errors = run_batch(fn, call, items, guard)
         summary = _summarise(errors) if errors else b""
         conn.send_bytes(b"R" + _COUNT.pack(len(summary)) + summary + dumps_results(results, errors))

@@ -47,6 +47,7 @@ class WorkItem:
     received: float = field(default_factory=time.monotonic)
     started: float = 0.0
     stop_reason: str = ""  # set when the item is to be stopped: its status is reported with it
+    task_timeout: float | None = None  # the job's own limit per task (the worker's cap still applies)
 
 
 @dataclass
@@ -208,7 +209,7 @@ class _Slot:
             return self._died(item)
         except _Overrun:
             self.kill()
-            return self._died(item, self.executor.limits.overrun(item.count))
+            return self._died(item, self.executor.limits.for_job(item.task_timeout).overrun(item.count))
         elapsed = time.monotonic() - item.started
         size = _COUNT.unpack_from(reply, 1)[0]
         start = 1 + _COUNT.size
@@ -218,9 +219,9 @@ class _Slot:
     def _ask(self, item: WorkItem, child_has_function: bool) -> bytes:
         assert self.conn is not None
         fn = None if child_has_function else item.function
-        self.conn.send((item.digest, fn, item.call, item.count, item.payload))
+        self.conn.send((item.digest, fn, item.call, item.count, item.payload, item.task_timeout))
         self.known.add(item.digest)
-        allowed = self.executor.limits.batch_seconds(item.count)
+        allowed = self.executor.limits.for_job(item.task_timeout).batch_seconds(item.count)
         if allowed is not None and not self.conn.poll(max(0.0, item.started + allowed - time.monotonic())):
             raise _Overrun
         return self.conn.recv_bytes()

@@ -48,6 +48,18 @@ class Limits:
 
     max_task_seconds: float | None = None
     max_memory: int | None = None
+    time_source: str = "the worker's cap"  # whose time limit max_task_seconds is, for error messages
+
+    def for_job(self, task_timeout: float | None) -> Limits:
+        """These caps tightened by a job's own ``task_timeout`` (which can only lower the worker's cap)."""
+        if task_timeout is None or (self.max_task_seconds is not None and self.max_task_seconds <= task_timeout):
+            return self
+        return Limits(task_timeout, self.max_memory, "the job's task_timeout")
+
+    @property
+    def time_cap(self) -> str:
+        flag = " (--max-task-seconds)" if self.time_source == "the worker's cap" else ""
+        return f"{self.time_source} of {self.max_task_seconds:g} s{flag}"
 
     def batch_seconds(self, count: int) -> float | None:
         """How long a batch of ``count`` tasks may run before the slot kills its process."""
@@ -55,7 +67,7 @@ class Limits:
 
     def overrun(self, count: int) -> str:
         """Why a batch's process was killed by the backstop."""
-        cap = f"the worker's cap of {self.max_task_seconds:g} s (--max-task-seconds)"
+        cap = self.time_cap
         if count == 1:
             return f"the task ran longer than {cap} and did not stop: its process was killed"
         return f"the batch of {count} tasks ran longer than {count} × {cap}: its process was killed"
@@ -95,11 +107,18 @@ class TaskGuard:
     """
 
     def __init__(self, limits: Limits) -> None:
+        self.worker_limits = limits
         self.limits = limits
-        self.seconds = limits.max_task_seconds if hasattr(signal, "setitimer") else None
+        self.seconds: float | None = None
         self._armed = False
-        if self.seconds is not None:
+        if hasattr(signal, "setitimer"):
             signal.signal(signal.SIGALRM, self._expired)
+        self.for_job(None)
+
+    def for_job(self, task_timeout: float | None) -> None:
+        """Guard the next batch's tasks with the worker's caps tightened by the job's ``task_timeout``."""
+        self.limits = self.worker_limits.for_job(task_timeout)
+        self.seconds = self.limits.max_task_seconds if hasattr(signal, "setitimer") else None
 
     def __enter__(self) -> None:
         if self.seconds is not None:
@@ -124,8 +143,7 @@ class TaskGuard:
     def _expired(self, signum: int, frame: FrameType | None) -> None:
         if self._armed:  # a signal that lands after the task returned is ignored
             self._armed = False
-            raise TaskTimeoutError(f"task ran longer than the worker's cap of {self.seconds:g} s "
-                                   "(--max-task-seconds)")
+            raise TaskTimeoutError(f"task ran longer than {self.limits.time_cap}")
 
 
 def _has_rlimit_as() -> bool:

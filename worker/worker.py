@@ -77,7 +77,8 @@ class Worker:
         self._outbound: asyncio.Queue[bytes] | None = None
         self._outbox: list[bytes] = []  # results finished while disconnected, sent on the next connection
         self._session = 0
-        self._jobs: dict[int, tuple[str, bytes, str]] = {}  # job id -> (digest, function bytes, call style)
+        # job id -> (digest, function bytes, call style, the job's task_timeout or None)
+        self._jobs: dict[int, tuple[str, bytes, str, float | None]] = {}
         self._last_heard = time.monotonic()
         self._heartbeat_interval = config.heartbeat_interval
         self._heartbeat_timeout = config.heartbeat_interval * 6
@@ -347,12 +348,14 @@ class Worker:
             job = self._jobs.get(header["job"])
             if job is None:
                 raise ProtocolError(f"TASKS for job {header['job']} arrived before its JOB")
-            digest, function, call = job
+            digest, function, call, task_timeout = job
             assert self.executor is not None
             self.executor.submit(WorkItem(header["job"], header["start"], header["count"], digest, function, call,
-                                          bytes(msg.payload), self._session))
+                                          bytes(msg.payload), self._session, task_timeout=task_timeout))
         elif kind is Kind.JOB:
-            self._jobs[header["job"]] = (header["digest"], bytes(msg.payload), header["call"])
+            timeout = header.get("task_timeout")
+            timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+            self._jobs[header["job"]] = (header["digest"], bytes(msg.payload), header["call"], timeout)
         elif kind is Kind.CANCEL:
             assert self.executor is not None
             self.executor.stop_items(protocol.STATUS_CANCELLED, header["job"], header.get("start"))
