@@ -28,6 +28,9 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
+# Benchmark the checkout this file is in (a git worktree of another commit, say), not whatever copy of
+# CrowdCompute is installed: its root goes before site-packages, and worker processes inherit the path.
+sys.path.insert(1, str(BENCH_DIR.parent))
 
 import backends  # noqa: E402
 import report  # noqa: E402
