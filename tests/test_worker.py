@@ -112,3 +112,25 @@ def test_worker_api_in_process() -> None:
             return results
 
         assert asyncio.run(main()) == [x * x for x in range(50)]
+
+
+def test_foreman_shutdown_leaves_no_task_running_on_its_workers(spawn_worker) -> None:
+    """A foreman that shuts down tells its workers; they kill its tasks rather than run them for nobody."""
+    import psutil
+
+    from tasks import sleep_then
+
+    fm = Foreman(port=0, heartbeat_interval=0.2, heartbeat_timeout=1.5)
+    worker = spawn_worker(fm.address, "--concurrency", "2")
+    fm.wait_for_workers(1)
+    futures = [fm.submit(sleep_then, 60) for _ in range(2)]
+    time.sleep(1.5)  # both tasks are running in the worker's two task processes
+    task_processes = [c for c in psutil.Process(worker.pid).children()
+                      if "resource_tracker" not in " ".join(c.cmdline())]  # multiprocessing's own helper
+    assert len(task_processes) == 2
+    fm.close()
+    for future in futures:
+        assert future.exception(timeout=10) is not None
+    gone, alive = psutil.wait_procs(task_processes, timeout=10)
+    assert not alive, "a task of the departed foreman is still running"
+    assert worker.poll() is None  # the worker itself lives on, waiting for its foreman to come back

@@ -418,3 +418,24 @@ def test_no_gpu_is_an_empty_list_never_an_error(monkeypatch, nvml) -> None:
         assert sampler.gpus == [] and sampler.samples()[-1].gpus == ()
     finally:
         sampler.close()
+
+
+def test_drain_over_http_hands_work_back_and_leaves(spawn_worker) -> None:
+    """POST /drain: no new tasks, running ones finish, the worker leaves; the job still completes exactly."""
+    from foreman import Foreman
+    from tasks import slow_whoami
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with Foreman(port=0, local_workers=1, heartbeat_interval=0.2, heartbeat_timeout=1.5) as fm:
+        leaving = spawn_worker(fm.address, "--concurrency", "1", "--worker-id", "leaving",
+                               "--dashboard-port", str(port))
+        fm.wait_for_workers(2)
+        job = fm.imap(slow_whoami, range(600))
+        results = [next(job) for _ in range(100)]
+        assert httpx.post(f"http://127.0.0.1:{port}/drain", timeout=10).status_code == 202
+        results.extend(job)
+        assert [x for x, _ in results] == list(range(600))
+        assert leaving.wait(timeout=30) == 0
+        assert fm._server.scheduler.workers_lost == 0

@@ -125,7 +125,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def create_app(worker: Worker, sampler: Sampler, access: Access) -> FastAPI:
-    """The dashboard's routes. No GET changes anything; the only state change is ``POST /restart``."""
+    """The dashboard's routes. No GET changes anything; the state changes are ``POST /restart`` and
+    ``POST /drain``."""
     app = FastAPI(title="CrowdCompute worker", docs_url=None, redoc_url=None, openapi_url=None)
     templates = dashboard.templates()
     registry = metrics.registry(lambda: stats.live(worker, sampler))
@@ -177,6 +178,15 @@ def create_app(worker: Worker, sampler: Sampler, access: Access) -> FastAPI:
             return refused
         return JSONResponse({"worker_id": worker.config.worker_id, "restarting": True, "hard": hard},
                             status_code=202, background=BackgroundTask(worker.restart, hard=hard))
+
+    @app.post("/drain", response_model=None)
+    async def drain(request: Request) -> Response:
+        """Leave gracefully: hand back queued tasks, let running ones finish (up to --drain-timeout), go."""
+        refused = access.refusal(request, control=True)
+        if refused is not None:
+            return refused
+        return JSONResponse({"worker_id": worker.config.worker_id, "draining": True}, status_code=202,
+                            background=BackgroundTask(worker.drain))
 
     @app.get("/login", response_model=None)
     async def login_form(request: Request) -> Response:

@@ -48,6 +48,7 @@ class WorkItem:
     started: float = 0.0
     stop_reason: str = ""  # set when the item is to be stopped: its status is reported with it
     task_timeout: float | None = None  # the job's own limit per task (the worker's cap still applies)
+    foreman: str = ""  # the session id of the foreman that sent it
 
 
 @dataclass

@@ -77,6 +77,7 @@ class Worker:
         self._outbound: asyncio.Queue[bytes] | None = None
         self._outbox: list[bytes] = []  # results finished while disconnected, sent on the next connection
         self._session = 0
+        self._foreman_session: str | None = None  # the foreman's own id (WELCOME): a new one means a new foreman
         # job id -> (digest, function bytes, call style, the job's task_timeout or None)
         self._jobs: dict[int, tuple[str, bytes, str, float | None]] = {}
         self._last_heard = time.monotonic()
@@ -249,6 +250,9 @@ class Worker:
             raise ProtocolError(f"expected WELCOME, got {welcome.kind.name}")
         self._session += 1
         self._jobs.clear()
+        if welcome.header["session"] != self._foreman_session:
+            self._forget_foreman()  # a restarted or different foreman: old work means nothing to it
+            self._foreman_session = welcome.header["session"]
         self.connected = True
         self.connected_at = time.time()
         self.last_error = None
@@ -283,8 +287,17 @@ class Worker:
                 # Unstarted batches are requeued by the foreman when it sees us go; running ones finish and
                 # their results are offered on the next connection.
                 self.executor.stop_items(protocol.STATUS_RETURNED, kill_running=False)
+        if ws.close_code == CloseCode.SHUTTING_DOWN:
+            self._forget_foreman()  # leave no task of a foreman that is gone running
         if ws.close_code is not None:
             _raise_if_refused_code(ws.close_code, ws.close_reason)
+
+    def _forget_foreman(self) -> None:
+        """Drop results for, and kill tasks of, the foreman we were serving."""
+        self._outbox.clear()
+        self._foreman_session = None
+        if self.executor is not None:
+            self.executor.stop_items(protocol.STATUS_CANCELLED)
 
     def _hello(self) -> dict[str, Any]:
         config = self.config
@@ -351,7 +364,8 @@ class Worker:
             digest, function, call, task_timeout = job
             assert self.executor is not None
             self.executor.submit(WorkItem(header["job"], header["start"], header["count"], digest, function, call,
-                                          bytes(msg.payload), self._session, task_timeout=task_timeout))
+                                          bytes(msg.payload), self._session, task_timeout=task_timeout,
+                                          foreman=self._foreman_session or ""))
         elif kind is Kind.JOB:
             timeout = header.get("task_timeout")
             timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
@@ -381,8 +395,8 @@ class Worker:
         elif outcome.status == protocol.STATUS_CRASHED:
             stats.tasks_failed += outcome.item.count
             log.warning("batch %s/%s: %s", outcome.item.job_id, outcome.item.start, outcome.error)
-        if outcome.status == protocol.STATUS_CANCELLED:
-            return  # the foreman asked for it and has already moved on
+        if outcome.status == protocol.STATUS_CANCELLED or outcome.item.foreman != self._foreman_session:
+            return  # the foreman asked for it and has moved on, or it is not the foreman that sent it
         if outcome.status == protocol.STATUS_RETURNED and (outcome.item.session != self._session
                                                            or self._outbound is None):
             return  # the foreman requeued it when that connection closed
