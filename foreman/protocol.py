@@ -27,6 +27,10 @@ PROTOCOL_VERSION = 1
 #: connection before the message is refused. Argument and result batches are cut to fit under it.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
+#: Largest pickled state one ``checkpoint()`` may save. The foreman holds the latest one per task in flight,
+#: so this bounds its memory per running task.
+MAX_CHECKPOINT_SIZE = 1024 * 1024
+
 #: Largest JSON header. Headers carry ids and small settings only.
 MAX_HEADER_SIZE = 64 * 1024
 
@@ -46,6 +50,7 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 8  # W and F: liveness, with a small status in the header
     RESTART = 9  # F: restart the worker (relayed control)
     DRAIN = 10  # F: finish or hand back work, then leave. W: I am draining, send no more
+    CHECKPOINT = 11  # W: a task saved its progress. F: resume this task from it (sent before its TASKS)
 
 
 class Message(NamedTuple):
@@ -69,10 +74,11 @@ SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
     Kind.HEARTBEAT: {},
     Kind.RESTART: {"hard": bool},
     Kind.DRAIN: {},
+    Kind.CHECKPOINT: {"job": int, "task": int},
 }
 
 #: Kinds whose payload is meaningful; any other kind must arrive with an empty payload.
-PAYLOAD_KINDS = frozenset({Kind.JOB, Kind.TASKS, Kind.RESULTS})
+PAYLOAD_KINDS = frozenset({Kind.JOB, Kind.TASKS, Kind.RESULTS, Kind.CHECKPOINT})
 
 #: Values of the RESULTS ``status`` field.
 STATUS_OK = "ok"  # the batch ran; per-task exceptions travel inside the payload

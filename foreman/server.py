@@ -129,6 +129,7 @@ class ForemanServer:
         self._waiting_logged: set[int] = set()
         self.closing = False
         self.fleet = Fleet()
+        self.checkpoints: dict[int, dict[int, bytes]] = {}  # job -> task -> latest saved state (pickled)
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -215,10 +216,12 @@ class ForemanServer:
         """Queued tasks never run; running ones are killed on their workers. False if no such running job."""
         if job_id not in self.jobs:
             return False
-        for worker_id, batch in self.scheduler.cancel_job(job_id):
+        # One CANCEL per worker for the whole job: the worker drops its queued batches before killing running
+        # ones, so a batch queued behind a killed one never starts.
+        for worker_id in {worker_id for worker_id, _ in self.scheduler.cancel_job(job_id)}:
             peer = self.peers.get(worker_id)
             if peer is not None:
-                peer.send(protocol.encode(Kind.CANCEL, {"job": job_id, "start": batch.start}))
+                peer.send(protocol.encode(Kind.CANCEL, {"job": job_id}))
         self._maybe_finish(job_id)
         self._pump()
         return True
@@ -353,12 +356,25 @@ class ForemanServer:
         elif kind is Kind.HEARTBEAT:
             self.fleet.worker_heard(time.time(), peer.worker_id, header.get("status"))
             peer.send(protocol.encode(Kind.HEARTBEAT))
+        elif kind is Kind.CHECKPOINT:
+            self._on_checkpoint(peer, header["job"], header["task"], msg.payload)
         elif kind is Kind.DRAIN:
             peer.leaving = True
             self.scheduler.drain_worker(peer.worker_id)
             log.info("worker %s is draining", peer.worker_id)
         else:
             raise ProtocolError(f"unexpected {kind.name} from a worker")
+
+    def _on_checkpoint(self, peer: Peer, job_id: int, task: int, state: memoryview | bytes) -> None:
+        """Keep a task's latest checkpoint, if that worker is running that task."""
+        if len(state) > protocol.MAX_CHECKPOINT_SIZE:
+            raise ProtocolError(f"a checkpoint of {len(state)} bytes is over the {protocol.MAX_CHECKPOINT_SIZE} "
+                                "byte limit")
+        worker = self.scheduler.workers.get(peer.worker_id)
+        if worker is None or not any(job == job_id and start <= task < start + count
+                                     for job, start, count in worker.batches):
+            return  # stale: the task finished, or moved to another worker
+        self.checkpoints.setdefault(job_id, {})[task] = bytes(state)
 
     def _on_results(self, peer: Peer, header: dict[str, Any], payload: memoryview | bytes) -> None:
         job_id, start, count, status = header["job"], header["start"], header["count"], header["status"]
@@ -376,6 +392,10 @@ class ForemanServer:
                 errors = header.get("errors", [])
                 self.fleet.batch_done(time.time(), peer.worker_id, job_id, start, count, elapsed, failed,
                                       errors if isinstance(errors, list) else [])
+                saved = self.checkpoints.get(job_id)
+                if saved:
+                    for task in range(start, start + count):
+                        saved.pop(task, None)
                 record.sink.deliver(start, count, payload, elapsed, peer.worker_id)
                 self._maybe_finish(job_id)
         elif status == protocol.STATUS_CRASHED:
@@ -402,6 +422,7 @@ class ForemanServer:
             return
         record = self.jobs.pop(job_id)
         self._waiting_logged.discard(job_id)
+        self.checkpoints.pop(job_id, None)
         self.fleet.job_finished(time.time(), job_id, job.cancelled)
         for worker_id in self.scheduler.forget_job(job_id):
             peer = self.peers.get(worker_id)
@@ -432,6 +453,11 @@ class ForemanServer:
             if record.task_timeout is not None:
                 header["task_timeout"] = record.task_timeout
             peer.send(protocol.encode(Kind.JOB, header, record.function))
+        saved = self.checkpoints.get(batch.job_id)
+        if saved:  # resume tasks from their last checkpoint
+            for task in range(batch.start, batch.start + batch.count):
+                if task in saved:
+                    peer.send(protocol.encode(Kind.CHECKPOINT, {"job": batch.job_id, "task": task}, saved[task]))
         peer.send(protocol.encode(Kind.TASKS, {"job": batch.job_id, "start": batch.start, "count": batch.count},
                                   batch.payload))
 

@@ -102,3 +102,24 @@ def slow_where_marked(x: int) -> tuple[int, int]:
     """Slow (2 s) on a worker started with CROWDCOMPUTE_TEST_SLOW=1, quick elsewhere: a straggling volunteer."""
     time.sleep(2.0 if os.environ.get("CROWDCOMPUTE_TEST_SLOW") else 0.01)
     return x, os.getppid()
+
+
+def counts_to(args: tuple[int, float]) -> tuple[int, int, int]:
+    """Counts to ``n`` one step every ``pause`` seconds, checkpointing each step: (n, first step, worker pid)."""
+    from worker import checkpoint, last_checkpoint
+
+    n, pause = args
+    resumed = last_checkpoint()
+    first = step = 0 if resumed is None else resumed
+    while step < n:
+        time.sleep(pause)
+        step += 1
+        checkpoint(step)
+    return step, first, os.getppid()
+
+
+def big_checkpoint(x: int) -> int:
+    from worker import checkpoint
+
+    checkpoint(b"x" * (2 * 1024 * 1024))
+    return x

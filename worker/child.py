@@ -1,7 +1,9 @@
 """The child process that runs task batches. One batch at a time; killed and replaced if it hangs or crashes.
 
 Requests (from the parent, by ``Connection.send``):
-``(digest, function bytes or None, call style, number of tasks, payload, the job's task_timeout or None)``.
+``(digest, function bytes or None, call style, first task index, number of tasks, payload, the job's
+task_timeout or None, saved checkpoints by task index or None)``.
+While a batch runs, a task may send ``b"C" + <u64 task index> + <pickled state>`` (see :mod:`worker.checkpoints`).
 Replies (``send_bytes``): ``b"N"`` when the function for ``digest`` must be sent again, or
 ``b"R" + <u32 n> + <n bytes: JSON summary of failed tasks, empty when none> + <pickled results and errors>``.
 The summary (``{"failed": count, "errors": [[index, type, message], ...]}``, at most :data:`MAX_ERRORS_SUMMARY`
@@ -24,6 +26,7 @@ from typing import Any
 
 from foreman.protocol import CALL_ONE, CALL_STAR
 from foreman.serialization import ErrorEntry, dumps_results, error_entry
+from worker import checkpoints
 from worker.limits import Limits, TaskGuard
 
 #: Functions kept unpickled per child; older ones are dropped and asked for again if needed.
@@ -35,12 +38,18 @@ MAX_ERRORS_SUMMARY = 20
 _COUNT = struct.Struct(">I")
 
 
-def run_batch(fn: Any, call: str, items: list[Any], guard: TaskGuard) -> tuple[list[Any], dict[int, ErrorEntry]]:
-    """Apply ``fn`` to every item under ``guard``; an exception becomes that task's error and the batch goes on."""
+def run_batch(fn: Any, call: str, items: list[Any], guard: TaskGuard, start: int = 0, conn: Connection | None = None,
+              resume: dict[int, bytes] | None = None) -> tuple[list[Any], dict[int, ErrorEntry]]:
+    """Apply ``fn`` to every item under ``guard``; an exception becomes that task's error and the batch goes on.
+
+    Tasks ``start``, ``start + 1``... may save checkpoints over ``conn``; ``resume`` holds saved ones by index.
+    """
     results: list[Any] = []
     errors: dict[int, ErrorEntry] = {}
     append = results.append
-    for item in items:
+    resume = resume or {}
+    for index, item in enumerate(items, start):
+        checkpoints.begin(conn, index, resume.get(index))
         try:
             with guard:
                 if call == CALL_ONE:
@@ -65,7 +74,7 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
     functions: OrderedDict[str, Any] = OrderedDict()
     while True:
         try:
-            digest, fn_bytes, call, count, payload, task_timeout = conn.recv()
+            digest, fn_bytes, call, start, count, payload, task_timeout, resume = conn.recv()
         except (EOFError, OSError):
             return
         if fn_bytes is not None:
@@ -83,7 +92,7 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
             results, errors = [None] * count, {i: failure.entry for i in range(count)}
         else:
             guard.for_job(task_timeout)
-            results, errors = run_batch(fn, call, items, guard)
+            results, errors = run_batch(fn, call, items, guard, start, conn, resume)
         summary = _summarise(errors) if errors else b""
         conn.send_bytes(b"R" + _COUNT.pack(len(summary)) + summary + dumps_results(results, errors))
 

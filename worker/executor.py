@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from foreman.protocol import STATUS_CRASHED, STATUS_OK
+from worker import checkpoints
 from worker.child import child_main
 from worker.limits import Limits
 
@@ -49,6 +50,7 @@ class WorkItem:
     stop_reason: str = ""  # set when the item is to be stopped: its status is reported with it
     task_timeout: float | None = None  # the job's own limit per task (the worker's cap still applies)
     foreman: str = ""  # the session id of the foreman that sent it
+    resume: dict[int, bytes] | None = None  # checkpoints to resume tasks from, by task index
 
 
 @dataclass
@@ -71,15 +73,18 @@ class Executor:
     :param on_outcome: called on the event loop with each :class:`Outcome`.
     :param start_method: multiprocessing start method; ``spawn`` (the default) behaves alike on every platform.
     :param limits: the volunteer's caps on each task's memory and run time.
+    :param on_checkpoint: called on the event loop with (item, task index, pickled state) when a task saves one.
     """
 
     def __init__(self, concurrency: int, on_outcome: Callable[[Outcome], None],
-                 loop: asyncio.AbstractEventLoop, start_method: str = "spawn", limits: Limits = Limits()) -> None:
+                 loop: asyncio.AbstractEventLoop, start_method: str = "spawn", limits: Limits = Limits(),
+                 on_checkpoint: Callable[[WorkItem, int, bytes], None] | None = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self.concurrency = concurrency
         self.limits = limits
         self._on_outcome = on_outcome
+        self._on_checkpoint = on_checkpoint
         self._loop = loop
         self._context = multiprocessing.get_context(start_method)
         self._queue: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
@@ -138,8 +143,11 @@ class Executor:
         for slot in self._slots:
             slot.thread.join(timeout=5)
 
-    def _take(self) -> WorkItem | None:
-        """Block for the next item to run (None to exit). Called by slot threads."""
+    def _take(self, slot: _Slot) -> WorkItem | None:
+        """Block for the next item to run, and mark it running on ``slot`` (None: exit). Called by slot threads.
+
+        Queued to running happens under the lock, so :meth:`stop_items` always finds an item in one or the other.
+        """
         while True:
             item = self._queue.get()
             if item is None:
@@ -147,7 +155,16 @@ class Executor:
             with self._lock:
                 if self.pending.pop(_key(item), None) is None:
                     continue  # dropped while queued
+                item.started = time.monotonic()
+                self.running[_key(item)] = (item, slot)
                 return item
+
+    def _checkpoint(self, item: WorkItem, task: int, state: bytes) -> None:
+        if self._on_checkpoint is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._on_checkpoint, item, task, state)
+            except RuntimeError:
+                pass  # the loop is closed: the worker is exiting
 
     def _report(self, outcome: Outcome) -> None:
         with self._lock:
@@ -190,13 +207,10 @@ class _Slot:
             log.exception("cannot start a task process")
             return
         while True:
-            item = self.executor._take()
+            item = self.executor._take(self)
             if item is None:
                 self._shutdown()
                 return
-            item.started = time.monotonic()
-            with self.executor._lock:
-                self.executor.running[_key(item)] = (item, self)
             self.executor._report(self._execute(item))
 
     def _execute(self, item: WorkItem) -> Outcome:
@@ -220,12 +234,18 @@ class _Slot:
     def _ask(self, item: WorkItem, child_has_function: bool) -> bytes:
         assert self.conn is not None
         fn = None if child_has_function else item.function
-        self.conn.send((item.digest, fn, item.call, item.count, item.payload, item.task_timeout))
+        self.conn.send((item.digest, fn, item.call, item.start, item.count, item.payload, item.task_timeout,
+                        item.resume))
         self.known.add(item.digest)
         allowed = self.executor.limits.for_job(item.task_timeout).batch_seconds(item.count)
-        if allowed is not None and not self.conn.poll(max(0.0, item.started + allowed - time.monotonic())):
-            raise _Overrun
-        return self.conn.recv_bytes()
+        while True:
+            if allowed is not None and not self.conn.poll(max(0.0, item.started + allowed - time.monotonic())):
+                raise _Overrun
+            reply = self.conn.recv_bytes()
+            if reply[:1] != b"C":
+                return reply
+            task, state = checkpoints.parse(reply)
+            self.executor._checkpoint(item, task, state)
 
     def _died(self, item: WorkItem, error: str | None = None) -> Outcome:
         process = self.process

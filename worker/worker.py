@@ -78,6 +78,7 @@ class Worker:
         self._outbox: list[bytes] = []  # results finished while disconnected, sent on the next connection
         self._session = 0
         self._foreman_session: str | None = None  # the foreman's own id (WELCOME): a new one means a new foreman
+        self._resume: dict[tuple[int, int], bytes] = {}  # (job, task) -> checkpoint to resume it from
         # job id -> (digest, function bytes, call style, the job's task_timeout or None)
         self._jobs: dict[int, tuple[str, bytes, str, float | None]] = {}
         self._last_heard = time.monotonic()
@@ -106,7 +107,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self.executor = Executor(self.config.max_concurrent_tasks, self._on_outcome, loop,
-                                 self.config.start_method, self.config.limits)
+                                 self.config.start_method, self.config.limits, self._on_checkpoint)
         self.executor.start()
         self._install_signal_handlers(loop)
         watchers = [asyncio.create_task(self._watch_parent())] if self.config.parent_pid else []
@@ -250,6 +251,7 @@ class Worker:
             raise ProtocolError(f"expected WELCOME, got {welcome.kind.name}")
         self._session += 1
         self._jobs.clear()
+        self._resume.clear()
         if welcome.header["session"] != self._foreman_session:
             self._forget_foreman()  # a restarted or different foreman: old work means nothing to it
             self._foreman_session = welcome.header["session"]
@@ -363,9 +365,16 @@ class Worker:
                 raise ProtocolError(f"TASKS for job {header['job']} arrived before its JOB")
             digest, function, call, task_timeout = job
             assert self.executor is not None
-            self.executor.submit(WorkItem(header["job"], header["start"], header["count"], digest, function, call,
+            start, count = header["start"], header["count"]
+            resume = {i: self._resume.pop((header["job"], i)) for i in range(start, start + count)
+                      if (header["job"], i) in self._resume} if self._resume else None
+            self.executor.submit(WorkItem(header["job"], start, count, digest, function, call,
                                           bytes(msg.payload), self._session, task_timeout=task_timeout,
-                                          foreman=self._foreman_session or ""))
+                                          foreman=self._foreman_session or "", resume=resume))
+        elif kind is Kind.CHECKPOINT:
+            if len(msg.payload) > protocol.MAX_CHECKPOINT_SIZE:
+                raise ProtocolError(f"a checkpoint of {len(msg.payload)} bytes is over the limit")
+            self._resume[(header["job"], header["task"])] = bytes(msg.payload)
         elif kind is Kind.JOB:
             timeout = header.get("task_timeout")
             timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
@@ -375,6 +384,8 @@ class Worker:
             self.executor.stop_items(protocol.STATUS_CANCELLED, header["job"], header.get("start"))
         elif kind is Kind.JOB_DONE:
             self._jobs.pop(header["job"], None)
+            for key in [k for k in self._resume if k[0] == header["job"]]:
+                del self._resume[key]
         elif kind is Kind.RESTART:
             asyncio.ensure_future(self.restart(hard=header["hard"]))
         elif kind is Kind.DRAIN:
@@ -383,6 +394,11 @@ class Worker:
             raise ProtocolError(f"unexpected {kind.name} from the foreman")
 
     # -- results ---------------------------------------------------------------------------------------------
+
+    def _on_checkpoint(self, item: WorkItem, task: int, state: bytes) -> None:
+        """A task saved its progress: pass it to the foreman that sent the task."""
+        if item.foreman == self._foreman_session:
+            self._send(protocol.encode(Kind.CHECKPOINT, {"job": item.job_id, "task": task}, state))
 
     def _on_outcome(self, outcome: Outcome) -> None:
         """Called on the loop for each finished batch."""
