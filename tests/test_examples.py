@@ -37,3 +37,22 @@ def test_worker_dashboard_example_prints_its_address_and_stats() -> None:
     assert "5,133 primes below 50,000" in done.stdout
     stats = json.loads(done.stdout.split("GET /stats -> ", 1)[1])
     assert stats["tasks_completed"] == 50_000 and stats["tasks_failed"] == 0
+
+
+def test_job_options_example() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "job_options.py")],
+                          capture_output=True, text=True, timeout=120, env=worker_env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "fetched 20 pages" in done.stdout
+    assert "failures: [(1, 'builtins.ValueError'" in done.stdout
+    assert "with task_timeout=1: [0.1, 'TaskTimeoutError']" in done.stdout
+    assert "urgent checkpointed sum: 333332833333500000" in done.stdout
+
+
+def test_secure_fleet_example() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "secure_fleet.py")],
+                          capture_output=True, text=True, timeout=120, env=worker_env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"foreman at wss://127\.0\.0\.1:\d+, dashboard at https://", done.stdout)
+    assert "worker volunteer-1 verified the foreman and joined" in done.stdout
+    assert "cubes: [0, 1, 8, 27, 64, 125, 216, 343, 512, 729]" in done.stdout
