@@ -68,6 +68,8 @@ class Foreman:
     :param heartbeat_timeout: a worker silent this long is declared lost and its tasks are reassigned.
     :param max_message_size: largest message in either direction; bounds memory per connection.
     :param max_task_losses: a task in flight on this many workers that died in a row fails as poison.
+    :param speculation: at a job's tail, start a second copy of a batch running this many times longer than the
+        job's typical task on an idle worker (first result wins); None turns it off.
     :param trust_workers: unpickle results with full pickle (code from workers could run here). Default:
         True on a loopback address, False elsewhere, where results are loaded with a restricted loader that
         only rebuilds plain data (builtins, containers, numbers, strings, bytes, registered safe types).
@@ -79,8 +81,9 @@ class Foreman:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
-                 local_workers: int = 0, token_file: str | None = None, heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
-                 max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3,
+                 local_workers: int = 0, token_file: str | None = None, heartbeat_interval: float = 5.0,
+                 heartbeat_timeout: float = 30.0, max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
+                 max_task_losses: int = 3, speculation: float | None = 3.0,
                  dashboard: bool = True, http_port: int | None = None, trust_workers: bool | None = None,
                  certfile: str | None = None, keyfile: str | None = None) -> None:
         if local_workers < 0:
@@ -94,8 +97,10 @@ class Foreman:
         tls = server_context(certfile, keyfile) if certfile else None
         pin = certificate_fingerprint(certfile) if certfile else None
         auth = Authenticator(token, token_file)
-        self._server = ForemanServer(host, port, auth, heartbeat_interval, heartbeat_timeout, max_message_size,
-                                     max_task_losses, http_port if dashboard else None, trust_workers,
+        self._server = ForemanServer(host, port, auth, heartbeat_interval=heartbeat_interval,
+                                     heartbeat_timeout=heartbeat_timeout, max_message_size=max_message_size,
+                                     max_task_losses=max_task_losses, speculation=speculation,
+                                     http_port=http_port if dashboard else None, trust_workers=trust_workers,
                                      ssl_context=tls)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)

@@ -259,8 +259,9 @@ class Job:
     # -- the feeder thread -----------------------------------------------------------------------------------
 
     def _window(self) -> int:
-        """Batches allowed out at once: enough to keep every worker's prefetch full, and no more."""
-        return max(8, 2 * self._foreman._server.scheduler.capacity + 2)
+        """Batches allowed out at once: enough to keep every worker busy while the oldest batch (which
+        ordered results wait for) is held up on a slow worker, and no more."""
+        return max(16, 4 * self._foreman._server.scheduler.capacity + 4)
 
     def _feed(self) -> None:
         index = 0

@@ -94,6 +94,7 @@ class ForemanServer:
     :param heartbeat_timeout: a worker silent this long is declared lost and its tasks reassigned.
     :param max_message_size: largest frame accepted from a peer; bounds memory per connection.
     :param max_task_losses: see :class:`~foreman.scheduler.Scheduler`.
+    :param speculation: see :class:`~foreman.scheduler.Scheduler` (None: no speculative copies).
     :param trust_workers: load workers' results with full pickle. False: a restricted loader that only
         rebuilds plain data (see :mod:`foreman.safe_pickle`), for fleets of strangers.
     :param http_port: serve the dashboard, JSON API and metrics on this port (0: any free one); None: no HTTP.
@@ -104,6 +105,7 @@ class ForemanServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, auth: Authenticator | None = None,
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 30.0,
                  max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3,
+                 speculation: float | None = 3.0,
                  http_port: int | None = None, trust_workers: bool = True,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
@@ -120,7 +122,8 @@ class ForemanServer:
         self.trust_workers = trust_workers
         self.ssl_context = ssl_context
         self.http: HttpServer | None = None
-        self.scheduler = Scheduler(time.monotonic, heartbeat_timeout, max_task_losses=max_task_losses)
+        self.scheduler = Scheduler(time.monotonic, heartbeat_timeout, max_task_losses=max_task_losses,
+                                   speculation=speculation)
         self.peers: dict[str, Peer] = {}
         self.jobs: dict[int, _JobRecord] = {}
         self.session = uuid.uuid4().hex[:12]
