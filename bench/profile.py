@@ -9,7 +9,7 @@ and the top CrowdCompute functions including callees ("total"). The round-trip p
 into its two legs with a task that returns ``time.monotonic()``. Raw collapsed stacks are kept in
 ``OUT/profile-*.txt`` (for flamegraph.pl or speedscope).
 
-Usage: ``python bench/profile.py [--phases trivial,roundtrip] [--seconds 6] [--rate 250] [--out DIR]``
+Usage: ``python bench/profile.py [--phases trivial,roundtrip,payload] [--seconds 6] [--rate 250] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ if str(BENCH_DIR) not in sys.path:
 # CrowdCompute is installed: its root goes before site-packages, and worker processes inherit the path.
 sys.path.insert(1, str(BENCH_DIR.parent))
 
-PHASES = ("trivial", "roundtrip")
+PHASES = ("trivial", "roundtrip", "payload")
 
 
 def workload(phase: str, seconds: float) -> None:
@@ -43,6 +43,7 @@ def workload(phase: str, seconds: float) -> None:
     import tasks
     from foreman import Foreman
 
+    payloads = [bytes([i]) * 1_000_000 for i in range(50)] if phase == "payload" else []
     with Foreman(port=0, local_workers=2) as fm:
         fm.wait_for_workers(2, timeout=120)
         fm.map(tasks.inc, range(1000))
@@ -57,6 +58,9 @@ def workload(phase: str, seconds: float) -> None:
             if phase == "trivial":
                 fm.map(tasks.inc, range(200_000))
                 calls += 200_000
+            elif phase == "payload":
+                fm.map(tasks.payload_len, payloads)
+                calls += len(payloads)
             else:
                 for _ in range(100):
                     sent = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes on Linux
@@ -66,6 +70,8 @@ def workload(phase: str, seconds: float) -> None:
         elapsed = time.perf_counter() - t0
         print(f"{phase}: {calls} tasks in {elapsed:.1f} s = {calls / elapsed:,.0f} tasks/s "
               f"({1000 * elapsed / calls:.3f} ms each)", flush=True)
+        if payloads:
+            print(f"payload: {calls / elapsed:,.0f} MB/s", flush=True)
         if legs:
             there = sorted(a for a, _ in legs)
             back = sorted(b for _, b in legs)

@@ -64,7 +64,7 @@ ROWS = [
     ("one task round trip, p99 ms", "roundtrip", "p99_ms", lambda v: f"{v:.2f}"),
     ("20 ms CPU tasks, parallel efficiency", "cpu", "efficiency_pct", lambda v: f"{v:.1f} %"),
     ("20 ms CPU tasks: CPU the system used besides the tasks, ms per task", "cpu", "overhead_cpu_ms_per_task",
-     lambda v: f"{v:.2f}"),
+     lambda v: f"{max(v, 0.0):.2f}"),  # clock granularity can make "none" read as -0.00
     ("1 MB `bytes` argument each, MB/s", "payload", "mb_per_s", lambda v: f"{v:.0f}"),
 ]
 
