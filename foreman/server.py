@@ -188,8 +188,9 @@ class ForemanServer:
             await self.http.close()
         if self._server is not None:
             self._server.close(close_connections=False)
-            for peer in list(self.peers.values()):
-                await peer.ws.close(CloseCode.SHUTTING_DOWN, "foreman shutting down")
+            # Together: a silent peer takes the whole close timeout, and they must not queue behind each other.
+            await asyncio.gather(*(peer.ws.close(CloseCode.SHUTTING_DOWN, "foreman shutting down")
+                                   for peer in list(self.peers.values())))
             await self._server.wait_closed()
 
     # -- jobs (called on the loop by the client layer) --------------------------------------------------------

@@ -32,6 +32,7 @@ VALID: dict[Kind, dict[str, Any]] = {
     Kind.HEARTBEAT: {},
     Kind.RESTART: {"hard": False},
     Kind.DRAIN: {},
+    Kind.CHECKPOINT: {"job": 1, "task": 3},
 }
 
 PAYLOAD = b"\x80\x05pickled\x00bytes"
@@ -144,7 +145,7 @@ def test_truncated_prefix_rejected(data: bytes) -> None:
     rejects(data, match="shorter than")
 
 
-@pytest.mark.parametrize("code", [0, 11, 99, 255])
+@pytest.mark.parametrize("code", [0, 12, 99, 255])
 def test_unknown_kind_rejected(code: int) -> None:
     rejects(frame(Kind.HEARTBEAT, {}, code=code), match=f"unknown message kind {code}")
 

@@ -116,10 +116,11 @@ class Executor:
             dropped = [item for item in self.pending.values() if match(item)]
             for item in dropped:
                 del self.pending[_key(item)]
-            doomed = [(item, slot) for item, slot in self.running.values() if kill_running and match(item)]
-        for item, slot in doomed:
-            item.stop_reason = reason
-            slot.kill()
+            # Killed under the lock: while an item is in ``running`` its slot cannot take the next one (that
+            # needs the lock), so the process killed is the one that ran this item, never the next item's.
+            for item, slot in [(i, s) for i, s in self.running.values() if kill_running and match(i)]:
+                item.stop_reason = reason
+                slot.kill()
         return dropped
 
     @property
@@ -184,6 +185,7 @@ class _Slot:
         self.process: Any = None
         self.conn: Connection | None = None
         self.known: set[str] = set()  # function digests this child has been sent
+        self.doomed = False  # killed: do not send it another batch
         self.thread = threading.Thread(target=self._run, name=f"crowdcompute-slot-{index}", daemon=True)
 
     def _spawn(self) -> None:
@@ -193,10 +195,14 @@ class _Slot:
                                   daemon=True, name=f"crowdcompute-task-{self.index}")
         process.start()
         child.close()
-        self.process, self.conn, self.known = process, parent, set()
+        if self.conn is not None:
+            self.conn.close()  # the pipe of the process this one replaces
+        self.process, self.conn, self.known, self.doomed = process, parent, set(), False
 
     def kill(self) -> None:
+        """Kill the task process; the next batch gets a fresh one (a killed process may still look alive)."""
         process = self.process
+        self.doomed = True
         if process is not None and process.is_alive():
             process.kill()
 
@@ -215,7 +221,9 @@ class _Slot:
 
     def _execute(self, item: WorkItem) -> Outcome:
         try:
-            if self.process is None or not self.process.is_alive():
+            if self.process is None or self.doomed or not self.process.is_alive():
+                if self.process is not None:
+                    self.process.join(timeout=5)
                 self._spawn()
             reply = self._ask(item, item.digest in self.known)
             if reply == b"N":
