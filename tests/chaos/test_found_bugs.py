@@ -29,7 +29,6 @@ import threading
 import time
 
 import cloudpickle
-import pytest
 
 from chaos.harness import WorkerFleet
 from chaos.proxy import LoopbackProxy
