@@ -1,4 +1,4 @@
-"""Small facts about network addresses, shared by the foreman's servers and CLI."""
+"""Small facts about network addresses, shared by the foreman and the worker (standard library only)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import ipaddress
 
 
 def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and 'localhost': addresses only this machine can reach."""
+    """True for 127.0.0.0/8, ::1 (bracketed or not) and 'localhost': addresses only this machine can reach."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return host == "localhost"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import uuid
@@ -10,6 +9,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from foreman import protocol
+from foreman.addresses import is_loopback
 from foreman.tls import parse_fingerprint
 from worker import sysinfo
 from worker.limits import Limits
@@ -18,16 +18,6 @@ from worker.limits import Limits
 def default_worker_id() -> str:
     """``CROWDCOMPUTE_WORKER_ID`` if set (a hard restart pins it there), else hostname plus a random suffix."""
     return os.environ.get("CROWDCOMPUTE_WORKER_ID") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass

@@ -27,7 +27,7 @@ from starlette.background import BackgroundTask
 import dashboard
 from worker import metrics, stats
 from worker.access import Access
-from worker.config import is_loopback
+from foreman.addresses import is_loopback
 from worker.stats import Sampler
 
 if TYPE_CHECKING:
