@@ -132,10 +132,7 @@ class Fleet:
         self.event(now, "loss" if lost else "leave", f"worker {worker_id} {record.status}: {reason}")
 
     def known_worker(self, worker_id: str) -> WorkerRecord | None:
-        record = self.workers.get(worker_id)
-        if record is not None:
-            return record
-        return next((r for r in reversed(self.departed) if r.id == worker_id), None)
+        return _live_or_remembered(self.workers, self.departed, worker_id)
 
     # -- jobs and tasks --------------------------------------------------------------------------------------
 
@@ -156,10 +153,7 @@ class Fleet:
                                    f"{record.failed} failed")
 
     def known_job(self, job_id: int) -> JobRecord | None:
-        record = self.jobs.get(job_id)
-        if record is not None:
-            return record
-        return next((r for r in reversed(self.finished_jobs) if r.id == job_id), None)
+        return _live_or_remembered(self.jobs, self.finished_jobs, job_id)
 
     def batch_done(self, now: float, worker_id: str, job_id: int, start: int, count: int, elapsed: float,
                    failed: int, errors: list[list[Any]]) -> None:
@@ -205,3 +199,11 @@ class Fleet:
             rate = (finished - before) / max(now - then, 1e-9)
             self.series.append((now, round(rate, 2), len(self.workers)))
         self._last_sample = (now, finished)
+
+
+def _live_or_remembered(live: dict[Any, Any], history: deque[Any], key: Any) -> Any:
+    """The live record under ``key``, else the most recent remembered one with that id, else None."""
+    record = live.get(key)
+    if record is not None:
+        return record
+    return next((r for r in reversed(history) if r.id == key), None)
