@@ -10,10 +10,16 @@ import sys
 from conftest import ROOT, worker_env
 
 
-def test_quickstart_estimates_pi_and_prints_the_address() -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--tasks", "8"],
-                          capture_output=True, text=True, timeout=120, env=worker_env(), cwd=ROOT)
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run examples/NAME as a user would; it must exit 0."""
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], capture_output=True, text=True,
+                          timeout=120, env=worker_env(), cwd=ROOT)
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_quickstart_estimates_pi_and_prints_the_address() -> None:
+    done = run_example("quickstart.py", "--tasks", "8")
     assert re.search(r"foreman listening at ws://127\.0\.0\.1:\d+", done.stdout)
     assert re.search(r"dashboard at http://127\.0\.0\.1:\d+/", done.stdout)
     estimate = float(re.search(r"pi ~= ([\d.]+)", done.stdout).group(1))
@@ -21,9 +27,7 @@ def test_quickstart_estimates_pi_and_prints_the_address() -> None:
 
 
 def test_fleet_dashboard_example_reports_its_job() -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "fleet_dashboard.py"), "--tasks", "20000"],
-                          capture_output=True, text=True, timeout=120, env=worker_env(), cwd=ROOT)
-    assert done.returncode == 0, done.stderr
+    done = run_example("fleet_dashboard.py", "--tasks", "20000")
     assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/", done.stdout)
     assert "longest Collatz chain below 20,001: 17,647 (278 steps)" in done.stdout
     assert re.search(r"job 1 \(collatz_steps\): done, 20,000 tasks", done.stdout)
@@ -31,9 +35,7 @@ def test_fleet_dashboard_example_reports_its_job() -> None:
 
 
 def test_worker_dashboard_example_prints_its_address_and_stats() -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "worker_dashboard.py"), "--below", "50000"],
-                          capture_output=True, text=True, timeout=120, env=worker_env(), cwd=ROOT)
-    assert done.returncode == 0, done.stderr
+    done = run_example("worker_dashboard.py", "--below", "50000")
     assert re.search(r"worker dashboard at http://127\.0\.0\.1:\d+/", done.stdout)
     assert "5,133 primes below 50,000" in done.stdout
     stats = json.loads(done.stdout.split("GET /stats -> ", 1)[1])
@@ -41,9 +43,7 @@ def test_worker_dashboard_example_prints_its_address_and_stats() -> None:
 
 
 def test_job_options_example() -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "job_options.py")],
-                          capture_output=True, text=True, timeout=120, env=worker_env(), cwd=ROOT)
-    assert done.returncode == 0, done.stderr
+    done = run_example("job_options.py")
     assert "fetched 20 pages" in done.stdout
     assert "failures: [(1, 'builtins.ValueError'" in done.stdout
     assert "with task_timeout=1: [0.1, 'TaskTimeoutError']" in done.stdout
@@ -51,9 +51,7 @@ def test_job_options_example() -> None:
 
 
 def test_secure_fleet_example() -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "secure_fleet.py")],
-                          capture_output=True, text=True, timeout=120, env=worker_env(), cwd=ROOT)
-    assert done.returncode == 0, done.stderr
+    done = run_example("secure_fleet.py")
     assert re.search(r"foreman at wss://127\.0\.0\.1:\d+, dashboard at https://", done.stdout)
     assert "worker volunteer-1 verified the foreman and joined" in done.stdout
     assert "cubes: [0, 1, 8, 27, 64, 125, 216, 343, 512, 729]" in done.stdout
