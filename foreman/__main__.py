@@ -1,5 +1,6 @@
-"""``python -m foreman [--host H] [--port P] [--token T] [--certfile C] [--local-workers N]``: run a foreman until
-stopped. ``python -m foreman --print-fingerprint CERT`` prints the fingerprint workers can pin."""
+"""``python -m foreman [--host H] [--port P] [--token T] [--data-dir D] [--certfile C] [--local-workers N]``: run a
+foreman as a service until stopped (SIGTERM, Ctrl-C). ``python -m foreman --print-fingerprint CERT`` prints the
+fingerprint workers and clients can pin."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m foreman",
         description="Run a CrowdCompute foreman: workers dial in to ws://HOST:PORT (wss:// with --certfile).",
-        epilog="Environment variables: CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_TOKEN_FILE, CROWDCOMPUTE_CERTFILE, "
-               "CROWDCOMPUTE_KEYFILE, CROWDCOMPUTE_LOG_LEVEL.")
+        epilog="Environment variables: CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_TOKEN_FILE, CROWDCOMPUTE_DATA_DIR, "
+               "CROWDCOMPUTE_CERTFILE, CROWDCOMPUTE_KEYFILE, CROWDCOMPUTE_LOG_LEVEL. Scripts connect with "
+               "Foreman.connect('ws://HOST:PORT', token=...) using a [clients] token.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other needs --token)")
     parser.add_argument("--port", type=int, default=9000, help="port to listen on (0 picks a free one)")
@@ -25,6 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-file", default=os.environ.get("CROWDCOMPUTE_TOKEN_FILE"),
                         help="TOML file of per-worker and per-client tokens ([workers] name = \"token\", "
                              "[clients] ...), re-read when it changes (env CROWDCOMPUTE_TOKEN_FILE)")
+    parser.add_argument("--data-dir", default=os.environ.get("CROWDCOMPUTE_DATA_DIR"),
+                        help="keep stored jobs (remote clients', detached ones), their results and the worker "
+                             "history in DATA_DIR/journal.sqlite, so that a restarted foreman resumes them "
+                             "(env CROWDCOMPUTE_DATA_DIR; default: in memory, lost on exit)")
+    parser.add_argument("--retention", type=float, default=7 * 86400,
+                        help="seconds a finished stored job and its results are kept (default 7 days)")
+    parser.add_argument("--client-grace", type=float, default=300.0,
+                        help="seconds a remote client may be gone before its jobs (not detached ones) are "
+                             "cancelled (default 300)")
     parser.add_argument("--certfile", default=os.environ.get("CROWDCOMPUTE_CERTFILE"),
                         help="PEM certificate (chain): serve wss:// and the dashboard over https; workers verify "
                              "it with --cafile or pin it with --fingerprint (env CROWDCOMPUTE_CERTFILE)")
@@ -40,13 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between worker heartbeats")
     parser.add_argument("--heartbeat-timeout", type=float, default=30.0,
                         help="seconds of silence after which a worker is declared lost")
-    parser.add_argument("--log-level", default=os.environ.get("CROWDCOMPUTE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get("CROWDCOMPUTE_LOG_LEVEL", "INFO"),
+                        help="DEBUG, INFO, WARNING or ERROR (env CROWDCOMPUTE_LOG_LEVEL)")
+    parser.add_argument("--log-json", action="store_true",
+                        help="log one JSON object per line, with job, task and worker ids as fields")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from foreman.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_json)
     from foreman.addresses import is_loopback
     from foreman.tls import certificate_fingerprint
 
@@ -74,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                      local_workers=args.local_workers,
                      heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
                      dashboard=not args.no_dashboard, http_port=args.http_port, certfile=args.certfile,
-                     keyfile=args.keyfile)
+                     keyfile=args.keyfile, data_dir=args.data_dir, retention=args.retention,
+                     client_grace=args.client_grace)
     except ValueError as exc:
         print(f"foreman: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,9 @@
-"""``Foreman``: the API a script uses. Runs the foreman server on its own event-loop thread in this process."""
+"""``Foreman``: the API a script uses, on its own event-loop thread in this process.
+
+Embedded (``Foreman(local_workers=2)``), it runs the foreman server in this process. Connected
+(``Foreman.connect("ws://host:9000", token=...)``), it is a client of a standalone foreman (see
+:mod:`foreman.remote`). The job API is the same either way.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
@@ -15,12 +21,16 @@ from foreman import protocol
 from foreman.addresses import is_loopback
 from foreman.auth import WORKER, Authenticator
 from foreman.errors import ForemanClosedError
+from foreman.aio import AsyncAPI
 from foreman.executor import ForemanExecutor
+from foreman.handles import JobHandle, LocalSubscriber
 from foreman.jobs import Job, JobOptions, SubmittedTask, _pickle_fitting
+from foreman.journal import Journal
 from foreman.local import LocalWorkers
+from foreman.remote import RemoteBackend
 from foreman.serialization import dumps_function
 from foreman.server import ForemanServer
-from foreman.tls import certificate_fingerprint, server_context
+from foreman.tls import certificate_fingerprint, client_context, parse_fingerprint, server_context
 
 log = logging.getLogger("crowdcompute.foreman")
 
@@ -50,12 +60,16 @@ class Options:
         return self._foreman.imap_unordered(fn, *iterables, **{**dataclasses.asdict(self._job_options), **kwargs})
 
 
-class Foreman:
-    """An embedded foreman: a WebSocket server for workers plus the job API, in this process.
+class Foreman(AsyncAPI):
+    """A foreman's job API: embedded (a WebSocket server for workers, in this process) or connected to a
+    standalone foreman (``address``, or :meth:`connect`).
 
     ::
 
         with Foreman(port=0, local_workers=2) as fm:
+            fm.map(square, range(10_000))
+
+        with Foreman.connect("ws://foreman.example:9000", token="c-...") as fm:
             fm.map(square, range(10_000))
 
     :param host: address to listen on. Keep the default (loopback) unless a token is set.
@@ -78,6 +92,16 @@ class Foreman:
     :param certfile: serve ``wss://`` and the dashboard over https with this PEM certificate (chain); local
         workers pin its fingerprint.
     :param keyfile: its private key (default: in ``certfile``).
+    :param data_dir: keep stored jobs (detached ones, remote clients') and the worker history in
+        ``data_dir/journal.sqlite``, so that a restarted foreman resumes them (see :mod:`foreman.journal`).
+    :param retention: seconds a finished stored job is kept (its results, for a detached job).
+    :param client_grace: seconds a remote client may be gone before its jobs (not detached ones) are cancelled.
+    :param address: connect to the standalone foreman at this ``ws://``/``wss://`` address instead of running
+        one; ``token`` is then a client token of that foreman, and only ``cafile``, ``fingerprint`` and
+        ``heartbeat_interval`` apply besides.
+    :param cafile: (connected) verify a ``wss://`` foreman's certificate with this CA bundle.
+    :param fingerprint: (connected) accept only the ``wss://`` foreman whose certificate has this SHA-256
+        fingerprint (``python -m foreman --print-fingerprint CERT``).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
@@ -85,7 +109,29 @@ class Foreman:
                  heartbeat_timeout: float = 30.0, max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
                  max_task_losses: int = 3, speculation: float | None = 3.0,
                  dashboard: bool = True, http_port: int | None = None, trust_workers: bool | None = None,
-                 certfile: str | None = None, keyfile: str | None = None) -> None:
+                 certfile: str | None = None, keyfile: str | None = None, data_dir: str | None = None,
+                 retention: float = 7 * 86400, client_grace: float = 300.0, address: str | None = None,
+                 cafile: str | None = None, fingerprint: str | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)
+        self._thread.start()
+        self._closed = False
+        self._default_options = JobOptions()
+        self._server: ForemanServer | None = None
+        self._local: LocalWorkers | None = None
+        self._backend: ForemanServer | RemoteBackend
+        if address is not None:
+            if local_workers:
+                raise ValueError("local_workers cannot be started for a foreman at another address")
+            pin = parse_fingerprint(fingerprint) if fingerprint else None
+            context = client_context(cafile, pinned=pin is not None) if address.startswith("wss://") else None
+            self._backend = RemoteBackend(address, token, context, pin, heartbeat_interval=heartbeat_interval)
+            try:
+                self._call(self._backend.start())
+            except BaseException:
+                self._stop_loop()
+                raise
+            return
         if local_workers < 0:
             raise ValueError("local_workers must be >= 0")
         if dashboard and http_port is None:
@@ -97,16 +143,12 @@ class Foreman:
         tls = server_context(certfile, keyfile) if certfile else None
         pin = certificate_fingerprint(certfile) if certfile else None
         auth = Authenticator(token, token_file)
-        self._server = ForemanServer(host, port, auth, heartbeat_interval=heartbeat_interval,
-                                     heartbeat_timeout=heartbeat_timeout, max_message_size=max_message_size,
-                                     max_task_losses=max_task_losses, speculation=speculation,
-                                     http_port=http_port if dashboard else None, trust_workers=trust_workers,
-                                     ssl_context=tls)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)
-        self._thread.start()
-        self._closed = False
-        self._default_options = JobOptions()
+        journal = Journal(Path(data_dir) / "journal.sqlite" if data_dir else None, retention)
+        self._server = self._backend = ForemanServer(
+            host, port, auth, heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
+            max_message_size=max_message_size, max_task_losses=max_task_losses, speculation=speculation,
+            http_port=http_port if dashboard else None, trust_workers=trust_workers, ssl_context=tls,
+            journal=journal, client_grace=client_grace)
         self._local = LocalWorkers(token or _any_worker_token(auth), heartbeat_interval, pin)
         try:
             self._call(self._server.start())
@@ -118,21 +160,31 @@ class Foreman:
             self._stop_loop()
             raise
 
+    @classmethod
+    def connect(cls, address: str, token: str | None = None, **options: Any) -> Foreman:
+        """A client of the standalone foreman at ``address`` (``crowdcompute foreman ...``): the same API as an
+        embedded foreman. ``token``: a client token of its token file, or its admin token."""
+        return cls(address=address, token=token, **options)
+
     @property
     def address(self) -> str:
-        """The ``ws://host:port`` address workers dial (``wss://`` with a certfile)."""
-        return self._server.address
+        """The ``ws://host:port`` address workers dial (``wss://`` with a certfile), or the one connected to."""
+        return self._backend.address
 
     @property
     def dashboard_url(self) -> str | None:
-        """The ``http://`` (``https://``) address of the fleet dashboard and JSON API, or None when disabled."""
-        http = self._server.http
+        """The ``http://`` (``https://``) address of the fleet dashboard and JSON API, or None when disabled
+        (or connected to another foreman)."""
+        http = self._server.http if self._server is not None else None
         return http.url if http is not None else None
 
     @property
     def workers(self) -> list[str]:
         """Ids of the connected workers."""
-        return self._call(lambda: list(self._server.peers))
+        if self._server is None:
+            return list(self._query("fleet")["workers"])
+        server = self._server
+        return self._call(lambda: list(server.peers))
 
     def wait_for_workers(self, n: int = 1, timeout: float = 60.0) -> None:
         """Block until at least ``n`` workers are connected; TimeoutError after ``timeout`` seconds."""
@@ -188,7 +240,7 @@ class Foreman:
                 options: JobOptions) -> concurrent.futures.Future[Any]:
         self._check_open()
         digest, function = dumps_function(options.shipped(fn))
-        limit = self._server.max_message_size - protocol.MAX_HEADER_SIZE
+        limit = self._backend.max_message_size - protocol.MAX_HEADER_SIZE
         ((_, _, payload),) = _pickle_fitting([(args, kwargs)], 0, limit)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         SubmittedTask(self, future, digest, function, payload, getattr(fn, "__qualname__", repr(fn)), options)
@@ -204,6 +256,102 @@ class Foreman:
         except TypeError as exc:
             raise TypeError(f"unknown job option: {exc}") from None
 
+    # -- detached jobs ---------------------------------------------------------------------------------------
+
+    def submit_job(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
+                   **options: Any) -> JobHandle:
+        """Submit ``fn`` over the items as a detached job and return once the foreman holds all its input.
+
+        The job runs on without this process: ``Foreman.connect(...).job(handle.id)`` takes it up later, from
+        any process of the same owner, while the foreman keeps it (``retention``). Options as for :meth:`map`.
+        """
+        self._check_open()
+        job_options = self._options(options)
+        if not iterables:
+            raise TypeError("submit_job() needs at least one iterable")
+        call = protocol.CALL_ONE if len(iterables) == 1 else protocol.CALL_STAR
+        items = list(iterables[0] if len(iterables) == 1 else zip(*iterables))
+        digest, function = dumps_function(job_options.shipped(fn))
+        name = getattr(fn, "__qualname__", repr(fn))
+        size = chunksize or max(1, len(items) // (8 * max(self._backend.slots, 1)))
+        limit = self._backend.max_message_size - protocol.MAX_HEADER_SIZE
+        pieces = [piece for start in range(0, len(items), size)
+                  for piece in _pickle_fitting(items[start:start + size], start, limit)]
+        handle = JobHandle(self, 0)
+        handle.id = self._call(self._open_detached(digest, function, call, name, len(items),
+                                                   job_options.placement(), pieces, handle))
+        return handle
+
+    async def _open_detached(self, digest: str, function: bytes, call: str, name: str, total: int,
+                             placement: dict[str, Any], pieces: list[tuple[int, int, bytes]],
+                             handle: JobHandle) -> int:
+        if isinstance(self._backend, RemoteBackend):
+            backend = self._backend
+            job_id = await backend.accepted(backend.add_job(digest, function, call, handle, name, total,
+                                                            detached=True, **placement))
+            for start, count, payload in pieces:
+                backend.add_batch(job_id, start, count, payload)
+            backend.close_input(job_id)
+            await backend.query("job", job=job_id)  # answered after the input before it: the foreman has it all
+            return job_id
+        server = self._backend
+        options = {"requires": sorted(placement["requires"]), "resources": placement["resources"],
+                   "priority": placement["priority"], "task_timeout": placement["task_timeout"]}
+        stored = server.add_stored_job("admin", name, digest, call, function, options, total, detached=True)
+        for start, count, payload in pieces:
+            stored.add_input(start, count, payload)
+            server.add_batch(stored.id, start, count, payload)
+        stored.close_input()
+        stored.attach(LocalSubscriber(handle), 0)
+        server.close_input(stored.id)
+        return stored.id
+
+    def job(self, job_id: int) -> JobHandle:
+        """A handle on a stored job (detached, or a client's), to read its results, wait for it or cancel it.
+        LookupError if this foreman has no such job of yours."""
+        self._check_open()
+        self._job_info(job_id)  # LookupError early
+        handle = JobHandle(self, job_id)
+        self._call(self._attach, handle)
+        return handle
+
+    def _attach(self, handle: JobHandle) -> None:
+        if isinstance(self._backend, RemoteBackend):
+            self._backend.attach(handle.id, handle)
+            return
+        server = self._backend
+        stored = server.stored.get(handle.id)
+        subscriber = LocalSubscriber(handle)
+        if stored is not None:
+            stored.attach(subscriber, 0)
+            return
+        row = server.journal.job(handle.id)
+        assert row is not None
+        for output in server.journal.outputs(handle.id):
+            subscriber.output(output, row.fed)
+        subscriber.ended(row)
+
+    def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
+        """The stored jobs this foreman keeps (yours only, unless your token is the admin's), newest first."""
+        if isinstance(self._backend, RemoteBackend):
+            fields = {"state": state} if state else {}
+            return list(self._query("jobs", **fields)["jobs"])
+        journal = self._backend.journal
+        return self._call(lambda: [row.summary() for row in journal.jobs(state=state)])
+
+    def _job_info(self, job_id: int) -> dict[str, Any]:
+        if isinstance(self._backend, RemoteBackend):
+            return dict(self._query("job", job=job_id)["job"])
+        journal = self._backend.journal
+        row = self._call(journal.job, job_id)
+        if row is None:
+            raise LookupError(f"no stored job {job_id} on this foreman")
+        return row.summary()
+
+    def _query(self, what: str, **fields: Any) -> dict[str, Any]:
+        assert isinstance(self._backend, RemoteBackend)
+        return self._call(self._backend.query(what, **fields))
+
     def executor(self) -> ForemanExecutor:
         """A ``concurrent.futures.Executor`` over this foreman's fleet (its shutdown leaves the foreman up)."""
         return ForemanExecutor(foreman=self)
@@ -216,11 +364,16 @@ class Foreman:
             return
         self._closed = True
         try:
+            if self._server is None:
+                self._call(self._backend.close())
+                return
             self._call(self._server.abort_jobs)
-            self._local.stop()
+            if self._local is not None:
+                self._local.stop()
             self._call(self._server.close())
         finally:
-            self._local.stop()
+            if self._local is not None:
+                self._local.stop()
             self._stop_loop()
 
     def __enter__(self) -> Foreman:
@@ -243,7 +396,7 @@ class Foreman:
                 return fn(*args)
 
             what = wrapper()
-        return asyncio.run_coroutine_threadsafe(what, self._loop).result()
+        return asyncio.run_coroutine_threadsafe(what, self._loop).result()  # type: ignore[arg-type]
 
     def _post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Schedule ``fn(*args)`` on the loop without waiting. RuntimeError once the foreman is closed."""

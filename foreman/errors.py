@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 
 class CrowdComputeError(Exception):
     """Base class of every CrowdCompute error."""
@@ -55,3 +58,21 @@ class ForemanClosedError(CrowdComputeError):
 class TaskTimeoutError(CrowdComputeError):
     """A task ran longer than the worker's ``--max-task-seconds`` cap and was stopped. Make the task shorter,
     or run it on workers with a higher cap."""
+
+
+def describe_failure(error: BaseException) -> str:
+    """A foreman-side failure (a lost task, a shutdown) as JSON, for a client to rebuild (never pickle)."""
+    return json.dumps({"type": type(error).__name__, "message": str(error)})
+
+
+def rebuild_failure(described: Any) -> BaseException:
+    """The exception :func:`describe_failure` described: CrowdCompute's own types come back as themselves."""
+    try:
+        info = json.loads(described)
+        name, message = str(info["type"]), str(info["message"])
+    except (TypeError, ValueError, KeyError):
+        return RemoteError("unknown", f"the foreman reported a failure it did not describe: {described!r}", "")
+    cls = globals().get(name)
+    if isinstance(cls, type) and issubclass(cls, CrowdComputeError) and cls is not RemoteError:
+        return cls(message)
+    return RemoteError(name, message, "")

@@ -146,12 +146,12 @@ class Job:
         self._finished = False
         self._abort_error: BaseException | None = None
         self.tasks_done = 0
-        self.id: int = foreman._call(functools.partial(foreman._server.add_job, digest, function, call, self,
+        self.id: int = foreman._call(functools.partial(foreman._backend.add_job, digest, function, call, self,
                                                        self.name, self.total, **options.placement()))
         self._feeder = threading.Thread(target=self._feed, name=f"crowdcompute-feeder-{self.id}", daemon=True)
         self._feeder.start()
         self._progress = progress
-        self._trusted = foreman._server.trust_workers
+        self._trusted = foreman._backend.trust_workers
         self._iterator = self._iterate()
 
     # -- the user's side -------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ class Job:
         self._cancelled = True
         with self._room:
             self._room.notify_all()
-        self._foreman._post(self._foreman._server.cancel_job, self.id)
+        self._foreman._post(self._foreman._backend.cancel_job, self.id)
 
     @property
     def progress(self) -> tuple[int, int | None]:
@@ -261,18 +261,18 @@ class Job:
     def _window(self) -> int:
         """Batches allowed out at once: enough to keep every worker busy while the oldest batch (which
         ordered results wait for) is held up on a slow worker, and no more."""
-        return max(16, 4 * self._foreman._server.scheduler.capacity + 4)
+        return max(16, 4 * self._foreman._backend.capacity + 4)
 
     def _feed(self) -> None:
         index = 0
-        limit = self._foreman._server.max_message_size - protocol.MAX_HEADER_SIZE
+        limit = self._foreman._backend.max_message_size - protocol.MAX_HEADER_SIZE
         try:
             while not self._cancelled:
                 with self._room:
                     while self._outstanding >= self._window() and not self._cancelled:
                         self._room.wait(0.25)
                 remaining = None if self.total is None else self.total - index
-                size = self._batcher.next_size(remaining, self._foreman._server.scheduler.slots)
+                size = self._batcher.next_size(remaining, self._foreman._backend.slots)
                 items = list(itertools.islice(self._source, size))
                 if not items or self._cancelled:
                     break
@@ -280,7 +280,7 @@ class Job:
                     self._batcher.observe_bytes(count, len(payload))
                     with self._room:
                         self._outstanding += 1
-                    self._foreman._post(self._foreman._server.add_batch, self.id, start, count, payload)
+                    self._foreman._post(self._foreman._backend.add_batch, self.id, start, count, payload)
                 index += len(items)
         except BaseException as exc:  # the iterable raised, or an argument would not pickle
             with self._room:
@@ -288,7 +288,7 @@ class Job:
             self._outcomes.put((index, 0, None, exc, None))
         finally:
             try:
-                self._foreman._post(self._foreman._server.close_input, self.id)
+                self._foreman._post(self._foreman._backend.close_input, self.id)
             except RuntimeError:
                 pass  # the foreman is closed
 
@@ -324,7 +324,7 @@ class SubmittedTask:
         self._foreman = foreman
         self.future = future
         self.id = 0
-        server = foreman._server
+        server = foreman._backend
 
         def register() -> None:
             self.id = server.add_job(digest, function, protocol.CALL_FULL, self, name, 1, **options.placement())
@@ -343,7 +343,7 @@ class SubmittedTask:
 
     def _cancelled_by_user(self) -> None:
         self._notify_cancelled()
-        self._foreman._server.cancel_job(self.id)
+        self._foreman._backend.cancel_job(self.id)
 
     def _notify_cancelled(self) -> None:
         """Move a cancelled future to CANCELLED_AND_NOTIFIED, so wait() and as_completed() see it done."""
@@ -354,12 +354,12 @@ class SubmittedTask:
 
     def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float, worker: str) -> None:
         try:
-            results, errors = loads_results(payload, 1, self._foreman._server.trust_workers)
+            results, errors = loads_results(payload, 1, self._foreman._backend.trust_workers)
         except SerializationError as exc:
             self._settle(exc, failed=True)
             return
         if errors:
-            self._settle(rebuild_exception(errors.get(0), self._foreman._server.trust_workers), failed=True)
+            self._settle(rebuild_exception(errors.get(0), self._foreman._backend.trust_workers), failed=True)
         else:
             self._settle(results[0], failed=False)
 

@@ -51,6 +51,20 @@ class Kind(enum.IntEnum):
     RESTART = 9  # F: restart the worker (relayed control)
     DRAIN = 10  # F: finish or hand back work, then leave. W: I am draining, send no more
     CHECKPOINT = 11  # W: a task saved its progress. F: resume this task from it (sent before its TASKS)
+    # Clients (C) of a standalone foreman: scripts that submit jobs (see foreman/clients.py, foreman/remote.py).
+    CONNECT = 20  # C: handshake, the first message of a client connection (answered by WELCOME)
+    SUBMIT = 21  # C: a new job (payload: its function); answered by ACCEPTED
+    ACCEPTED = 22  # F: the job id of a SUBMIT, or why it was refused
+    INPUT = 23  # C: a batch of a job's tasks (payload: pickled arguments), in order
+    INPUT_END = 24  # C: the job has no more input
+    ABORT = 25  # C: cancel the job
+    ATTACH = 26  # C: send me this job's results after seq ``after``, and its end; answered by ATTACHED
+    ATTACHED = 27  # F: the job's state (including ``fed``: tasks received) before its results follow
+    ACK = 28  # C: results up to ``seq`` are safe with the client; the foreman may drop them
+    OUTPUT = 29  # F: a result batch of a job (payload: pickled results, or empty when failed)
+    JOB_END = 30  # F: the job is over (state done, cancelled or failed), after its last OUTPUT
+    QUERY = 31  # C: a question about jobs or the fleet; answered by REPLY
+    REPLY = 32  # F: the answer to a QUERY (JSON in the header)
 
 
 class Message(NamedTuple):
@@ -75,10 +89,24 @@ SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
     Kind.RESTART: {"hard": bool},
     Kind.DRAIN: {},
     Kind.CHECKPOINT: {"job": int, "task": int},
+    Kind.CONNECT: {"protocol": int, "client": str, "token": (str, type(None)), "python": str, "cloudpickle": str},
+    Kind.SUBMIT: {"ref": int, "name": str, "digest": str, "call": str, "detached": bool, "options": dict},
+    Kind.ACCEPTED: {"ref": int},
+    Kind.INPUT: {"job": int, "start": int, "count": int},
+    Kind.INPUT_END: {"job": int},
+    Kind.ABORT: {"job": int},
+    Kind.ATTACH: {"job": int, "after": int},
+    Kind.ATTACHED: {"job": int},
+    Kind.ACK: {"job": int, "seq": int},
+    Kind.OUTPUT: {"job": int, "seq": int, "start": int, "count": int, "status": str, "fed": int},
+    Kind.JOB_END: {"job": int, "state": str},
+    Kind.QUERY: {"ref": int, "what": str},
+    Kind.REPLY: {"ref": int},
 }
 
 #: Kinds whose payload is meaningful; any other kind must arrive with an empty payload.
-PAYLOAD_KINDS = frozenset({Kind.JOB, Kind.TASKS, Kind.RESULTS, Kind.CHECKPOINT})
+PAYLOAD_KINDS = frozenset({Kind.JOB, Kind.TASKS, Kind.RESULTS, Kind.CHECKPOINT, Kind.SUBMIT, Kind.INPUT,
+                           Kind.OUTPUT})
 
 #: Values of the RESULTS ``status`` field.
 STATUS_OK = "ok"  # the batch ran; per-task exceptions travel inside the payload
@@ -86,6 +114,12 @@ STATUS_CRASHED = "crashed"  # the process running the batch died (header "error"
 STATUS_RETURNED = "returned"  # handed back unstarted (draining, restarting); not the batch's fault
 STATUS_CANCELLED = "cancelled"  # stopped on the foreman's request
 RESULT_STATUSES = frozenset({STATUS_OK, STATUS_CRASHED, STATUS_RETURNED, STATUS_CANCELLED})
+#: An OUTPUT's tasks failed for good (lost as poison, cancelled...): header ``error_type`` and ``error`` say why.
+STATUS_FAILED = "failed"
+OUTPUT_STATUSES = frozenset({STATUS_OK, STATUS_FAILED})
+
+#: JOB_END states, also the states of stored jobs (see foreman/journal.py).
+JOB_DONE_STATE, JOB_CANCELLED_STATE, JOB_FAILED_STATE = "done", "cancelled", "failed"
 
 #: Ways a job's function is applied to one item of a TASKS batch.
 CALL_ONE = "one"  # fn(item)
@@ -167,9 +201,11 @@ _MISSING = object()
 
 
 def _check_values(kind: Kind, header: dict[str, Any]) -> None:
-    if kind in (Kind.TASKS, Kind.RESULTS) and (header["start"] < 0 or header["count"] < 1):
+    if kind in (Kind.TASKS, Kind.RESULTS, Kind.INPUT, Kind.OUTPUT) and (header["start"] < 0 or header["count"] < 1):
         raise ProtocolError(f"{kind.name} has an invalid range start={header['start']} count={header['count']}")
     if kind is Kind.RESULTS and header["status"] not in RESULT_STATUSES:
         raise ProtocolError(f"RESULTS has an unknown status {header['status']!r}")
-    if kind is Kind.JOB and header["call"] not in CALLS:
+    if kind is Kind.OUTPUT and header["status"] not in OUTPUT_STATUSES:
+        raise ProtocolError(f"OUTPUT has an unknown status {header['status']!r}")
+    if kind in (Kind.JOB, Kind.SUBMIT) and header["call"] not in CALLS:
         raise ProtocolError(f"JOB has an unknown call style {header['call']!r}")

@@ -109,7 +109,9 @@ class Job:
     created: float
     requires: frozenset[str] = frozenset()  # capabilities a worker must advertise
     resources: dict[str, float] = field(default_factory=dict)  # minimum amounts a worker must have
-    priority: int = 0  # higher first; equal priorities share workers round-robin
+    priority: int = 0  # higher first; equal priorities share workers round-robin, by owner then by job
+    owner: str = ""  # who submitted it: owners of equal priority get turns in round-robin
+    held_until: float = 0.0  # recovered after a restart: its queue waits for its workers to reconnect until then
     queue: deque[Batch] = field(default_factory=deque)  # ordinary batches, in order
     suspects: deque[Batch] = field(default_factory=deque)  # batches that lost a worker; run alone
     live: dict[int, Batch] = field(default_factory=dict)  # start -> batch, queued or assigned
@@ -209,7 +211,9 @@ class Scheduler:
         self._free: dict[str, None] = {}  # workers that may take a batch now (ordered set)
         self._runnable: deque[int] = deque()  # jobs with queued batches, round-robin order
         self._reserved: str | None = None  # worker being emptied to run a waiting suspect
-        self._job_ids = itertools.count(1)
+        self.next_job_id = 1
+        self._turns = itertools.count()  # a clock of owner turns, for round-robin between owners
+        self._owner_turn: dict[str, int] = {}  # owner -> the turn it was last served at
         self.capacity = 0  # batches all workers may hold; read by feeder threads, so a plain int
         self.slots = 0  # tasks all workers run at once
         self.reassigned = 0
@@ -282,10 +286,39 @@ class Scheduler:
     # -- jobs ------------------------------------------------------------------------------------------------
 
     def add_job(self, env: str, requires: frozenset[str] = frozenset(), resources: dict[str, float] | None = None,
-                priority: int = 0) -> Job:
-        job = Job(next(self._job_ids), env, self.clock(), frozenset(requires), dict(resources or {}), priority)
+                priority: int = 0, owner: str = "", job_id: int | None = None, held_until: float = 0.0) -> Job:
+        """A new job. ``job_id`` recreates a journaled one (new ids then start above it); ``held_until`` keeps its
+        queue for the workers that held its batches until that time (see :meth:`adopt`)."""
+        if job_id is None:
+            job_id = self.next_job_id
+        elif job_id in self.jobs:
+            raise ValueError(f"job {job_id} exists")
+        self.next_job_id = max(self.next_job_id, job_id + 1)
+        job = Job(job_id, env, self.clock(), frozenset(requires), dict(resources or {}), priority, owner,
+                  held_until)
         self.jobs[job.id] = job
         return job
+
+    def skip_job_ids(self, last: int) -> None:
+        """New jobs get ids above ``last`` (ids journaled by an earlier run of the foreman)."""
+        self.next_job_id = max(self.next_job_id, last + 1)
+
+    def adopt(self, worker_id: str, job_id: int, start: int, count: int) -> bool:
+        """A reconnecting worker still holds a queued batch (it ran on, or finished, while the foreman
+        restarted): the batch is in flight there again rather than run twice. False if it is not queued."""
+        batch = self._live_batch(job_id, start, count)
+        worker = self.workers.get(worker_id)
+        if batch is None or worker is None or batch.state is not State.QUEUED:
+            return False
+        job = self.jobs[job_id]
+        (job.suspects if batch.suspect else job.queue).remove(batch)  # O(queue): after a restart only
+        if not job.has_queued and job.id in self._runnable:
+            self._runnable.remove(job.id)
+        had_function = job_id in worker.jobs
+        self._assign(worker, batch)
+        if not had_function:
+            worker.jobs.discard(job_id)  # the worker dropped the function on reconnecting: ship it again
+        return True
 
     def add_batch(self, job_id: int, start: int, count: int, payload: bytes) -> Batch:
         job = self.jobs[job_id]
@@ -440,8 +473,11 @@ class Scheduler:
         it gets nothing new until it has emptied, then takes a suspect. Without this, a steady stream of
         ordinary batches could keep every worker busy and the suspects waiting forever.
         """
-        eligible = [self.jobs[j] for j in self._runnable if can_run(worker, self.jobs[j])]
-        eligible.sort(key=lambda job: -job.priority)  # stable: round-robin order among equal priorities
+        now = self.clock()
+        eligible = [self.jobs[j] for j in self._runnable
+                    if self.jobs[j].held_until <= now and can_run(worker, self.jobs[j])]
+        # Stable: among equal priorities, the owner served longest ago first, then round-robin order of jobs.
+        eligible.sort(key=lambda job: (-job.priority, self._owner_turn.get(job.owner, -1)))
         waiting = [job for job in eligible if job.suspects]
         if worker.id == self._reserved:
             if worker.batches and waiting:
@@ -457,6 +493,7 @@ class Scheduler:
             if job.queue:
                 self._runnable.remove(job.id)
                 self._runnable.append(job.id)  # round-robin: this job goes to the back
+                self._owner_turn[job.owner] = next(self._turns)
                 return self._pop(job, job.queue)
         return None
 

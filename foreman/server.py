@@ -12,7 +12,6 @@ import importlib
 import logging
 import ssl
 import time
-import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,11 +22,14 @@ from websockets.exceptions import ConnectionClosed
 
 from foreman import protocol
 from foreman.auth import CLIENT, Authenticator, Principal, RefusalLimiter
+from foreman.clients import ClientService
 from foreman.errors import ForemanClosedError, ProtocolError, TaskLostError
 from foreman.fleet import Fleet
+from foreman.journal import RUNNING, Journal
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
 from foreman.serialization import ENV_FINGERPRINT
+from foreman.stored import StoredJob
 
 if TYPE_CHECKING:
     from foreman.http import HttpServer
@@ -100,6 +102,11 @@ class ForemanServer:
     :param http_port: serve the dashboard, JSON API and metrics on this port (0: any free one); None: no HTTP.
         A browser that opens the WebSocket port is redirected there.
     :param ssl_context: serve ``wss://`` (and the dashboard over https) with it (see :mod:`foreman.tls`).
+    :param journal: where stored jobs (remote clients', detached ones) and the worker history are kept (see
+        :mod:`foreman.journal`); default in memory. With a file, a restarted foreman resumes its stored jobs.
+    :param client_grace: seconds a remote client may be gone before its (not detached) jobs are cancelled.
+    :param recovery_window: after a restart, seconds the resumed jobs' batches wait for the workers that held them
+        to reconnect and hand in their work before running anywhere (default: the heartbeat timeout).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, auth: Authenticator | None = None,
@@ -107,7 +114,8 @@ class ForemanServer:
                  max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE, max_task_losses: int = 3,
                  speculation: float | None = 3.0,
                  http_port: int | None = None, trust_workers: bool = True,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, journal: Journal | None = None,
+                 client_grace: float = 300.0, recovery_window: float | None = None) -> None:
         if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         self.host = host
@@ -126,7 +134,12 @@ class ForemanServer:
                                    speculation=speculation)
         self.peers: dict[str, Peer] = {}
         self.jobs: dict[int, _JobRecord] = {}
-        self.session = uuid.uuid4().hex[:12]
+        self.journal = journal or Journal()
+        self.session = self.journal.session()
+        self.stored: dict[int, StoredJob] = {}
+        self.clients = ClientService(self, client_grace)
+        self.recovery_window = heartbeat_timeout if recovery_window is None else recovery_window
+        self._awaited: set[str] = set()  # after a restart: workers that may still hold resumed jobs' batches
         self._server: Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._waiting_logged: set[int] = set()
@@ -142,11 +155,22 @@ class ForemanServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'wss' if self.ssl_context else 'ws'}://{host}:{self.port}"
 
+    @property
+    def capacity(self) -> int:
+        """Batches all connected workers may hold (a feeder keeps a few times this many in flight)."""
+        return self.scheduler.capacity
+
+    @property
+    def slots(self) -> int:
+        """Tasks all connected workers run at once."""
+        return self.scheduler.slots
+
     async def start(self) -> None:
         self._server = await serve(self._handle, self.host, self.port, max_size=self.max_message_size,
                                    compression=None, ping_interval=None, open_timeout=HANDSHAKE_TIMEOUT,
                                    close_timeout=2, process_request=self._plain_http, ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._resume_stored_jobs()
         self._ticker = asyncio.create_task(self._tick_forever())
         log.info("foreman listening on %s", self.address)
 
@@ -174,8 +198,11 @@ class ForemanServer:
         return response
 
     def abort_jobs(self) -> None:
-        """Fail every unfinished job with ForemanClosedError and stop its tasks on the workers."""
+        """Fail every unfinished job with ForemanClosedError and stop its tasks on the workers. Stored jobs in a
+        persistent journal are kept: the next run of the foreman resumes them."""
         for job_id, record in list(self.jobs.items()):
+            if job_id in self.stored and self.journal.persistent:
+                continue
             record.sink.aborted(ForemanClosedError(f"the foreman shut down before job {job_id} finished"))
             self.cancel_job(job_id)
 
@@ -189,22 +216,65 @@ class ForemanServer:
         if self._server is not None:
             self._server.close(close_connections=False)
             # Together: a silent peer takes the whole close timeout, and they must not queue behind each other.
-            await asyncio.gather(*(peer.ws.close(CloseCode.SHUTTING_DOWN, "foreman shutting down")
-                                   for peer in list(self.peers.values())))
+            # Workers drop their work for a foreman that is gone, but keep it for one that resumes stored jobs.
+            code = CloseCode.GOING_AWAY if self.stored and self.journal.persistent else CloseCode.SHUTTING_DOWN
+            await asyncio.gather(*(peer.ws.close(code, "foreman shutting down")
+                                   for peer in list(self.peers.values())),
+                                 *(client.ws.close(CloseCode.GOING_AWAY, "foreman shutting down")
+                                   for client in list(self.clients.peers.values())))
             await self._server.wait_closed()
+        self.journal.close()
 
     # -- jobs (called on the loop by the client layer) --------------------------------------------------------
 
     def add_job(self, digest: str, function: bytes, call: str, sink: JobSink, name: str = "?",
                 total: int | None = None, requires: frozenset[str] = frozenset(),
                 resources: dict[str, float] | None = None, priority: int = 0,
-                task_timeout: float | None = None) -> int:
+                task_timeout: float | None = None, owner: str = "", job_id: int | None = None,
+                held_until: float = 0.0) -> int:
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be > 0")
-        job = self.scheduler.add_job(ENV_FINGERPRINT, requires, resources, priority)
+        job = self.scheduler.add_job(ENV_FINGERPRINT, frozenset(requires), resources, priority, owner, job_id,
+                                     held_until)
         self.jobs[job.id] = _JobRecord(job.id, digest, function, call, sink, task_timeout)
         self.fleet.job_added(time.time(), job.id, name, total)
         return job.id
+
+    def add_stored_job(self, owner: str, name: str, digest: str, call: str, function: bytes,
+                       options: dict[str, Any], total: int | None, detached: bool) -> StoredJob:
+        """A job whose results the journal keeps for its client (a remote client's, or a detached one).
+        ``options``: the placement options of :class:`~foreman.jobs.JobOptions`, JSON-able."""
+        placement = _placement(options)
+        self.scheduler.skip_job_ids(self.journal.last_job_id())
+        job_id = self.scheduler.next_job_id
+        self.journal.add_job(job_id, owner, name, digest, call, function, options, total, detached)
+        row = self.journal.job(job_id)
+        assert row is not None
+        stored = self.stored[job_id] = StoredJob(row, self.journal)
+        self.add_job(digest, function, call, stored, name, total, owner=owner, job_id=job_id, **placement)
+        return stored
+
+    def _resume_stored_jobs(self) -> None:
+        """Bring back the journal's running jobs after a restart. Their batches wait (``recovery_window``) for
+        the workers that held them, which hand in what they ran on or finished meanwhile (see _adopt)."""
+        rows = self.journal.jobs(state=RUNNING)
+        self.scheduler.skip_job_ids(self.journal.last_job_id())
+        self._awaited = self.journal.connected_workers() if rows else set()
+        self.journal.all_disconnected()
+        held_until = time.monotonic() + self.recovery_window if self._awaited else 0.0
+        for row in sorted(rows, key=lambda r: r.id):
+            stored = StoredJob(row, self.journal)
+            stored.orphaned_at = time.monotonic()  # until its client attaches again
+            self.stored[row.id] = stored
+            self.add_job(row.digest, row.function, row.call, stored, row.name, row.total, owner=row.owner,
+                         job_id=row.id, held_until=held_until, **_placement(row.options))
+            inputs = self.journal.inputs(row.id)
+            for start, count, payload in inputs:
+                self.scheduler.add_batch(row.id, start, count, payload)
+            log.info("job %s of %s resumed from the journal: %s batches to run, %s tasks done",
+                     row.id, row.owner, len(inputs), row.tasks_done, extra={"job": row.id})
+            if row.input_closed:
+                self.close_input(row.id)
 
     def add_batch(self, job_id: int, start: int, count: int, payload: bytes) -> None:
         if job_id in self.jobs:
@@ -262,7 +332,8 @@ class ForemanServer:
             lost = not (ws.close_code == CloseCode.NORMAL or peer.leaving or self.closing)
             reason = _close_description(ws)
         except ProtocolError as exc:
-            log.warning("worker %s sent a bad message, closing: %s", peer.worker_id, exc)
+            log.warning("worker %s sent a bad message, closing: %s", peer.worker_id, exc,
+                        extra={"worker": peer.worker_id})
             reason = f"protocol error: {exc}"
             await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
         except ConnectionClosed:
@@ -279,8 +350,8 @@ class ForemanServer:
             return None
         try:
             msg = protocol.decode(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.max_message_size)
-            if msg.kind is not Kind.HELLO:
-                raise ProtocolError(f"expected HELLO, got {msg.kind.name}")
+            if msg.kind not in (Kind.HELLO, Kind.CONNECT):
+                raise ProtocolError(f"expected HELLO or CONNECT, got {msg.kind.name}")
         except (TimeoutError, ConnectionClosed):
             return None
         except ProtocolError as exc:
@@ -291,15 +362,19 @@ class ForemanServer:
         hello = msg.header
         if hello["protocol"] != protocol.PROTOCOL_VERSION:
             reason = (f"foreman speaks protocol {protocol.PROTOCOL_VERSION}, "
-                      f"worker speaks {hello['protocol']}: upgrade the older side")
-            log.warning("refused %s (%s): %s", hello["worker_id"], address, reason)
+                      f"peer speaks {hello['protocol']}: upgrade the older side")
+            log.warning("refused %s: %s", address, reason)
             await ws.close(CloseCode.VERSION_MISMATCH, reason)
+            return None
+        if msg.kind is Kind.CONNECT:
+            await self._serve_client(ws, hello)
             return None
         principal = self.auth.identify(hello["token"])
         if principal is None or principal.role == CLIENT:
             reason = ("token required" if not hello["token"] else
                       "invalid token" if principal is None else "a client token cannot join as a worker")
-            log.warning("refused worker %s from %s: %s", hello["worker_id"], address, reason)
+            log.warning("refused worker %s from %s: %s", hello["worker_id"], address, reason,
+                        extra={"worker": hello["worker_id"]})
             self.refusals.refused(_host_of(address))
             await ws.close(CloseCode.AUTH_FAILED, reason)
             return None
@@ -309,7 +384,7 @@ class ForemanServer:
         worker_id = hello["worker_id"]
         old = self.peers.get(worker_id)
         if old is not None:
-            log.warning("worker %s reconnected: replacing its old connection", worker_id)
+            log.warning("worker %s reconnected: replacing its old connection", worker_id, extra={"worker": worker_id})
             self._drop(old, lost=True, reason="replaced by a new connection")
             _close_soon(old.ws, CloseCode.REPLACED, "replaced by a new connection of the same worker id")
         peer = Peer(worker_id, ws, hello, principal)
@@ -317,13 +392,40 @@ class ForemanServer:
         capabilities, resources = describe_worker(hello)
         self.scheduler.add_worker(worker_id, hello["concurrency"], _env_of(hello), capabilities, resources)
         self.fleet.worker_joined(time.time(), worker_id, hello, _format_address(address))
+        self.journal.worker_joined(worker_id, principal.name, _format_address(address))
+        self._adopt(worker_id, hello.get("holding") if hello.get("foreman_session") == self.session else None)
         await ws.send(protocol.encode(Kind.WELCOME, {
             "session": self.session, "heartbeat_interval": self.heartbeat_interval,
             "heartbeat_timeout": self.heartbeat_timeout, "max_message_size": self.max_message_size}))
         log.info("worker %s joined from %s (%s slots, Python %s)", worker_id, address, hello["concurrency"],
-                 hello["python"])
+                 hello["python"], extra={"worker": worker_id})
         self._pump()
         return peer
+
+    async def _serve_client(self, ws: ServerConnection, header: dict[str, Any]) -> None:
+        principal, reason = self.clients.identify(header)
+        if principal is None:
+            log.warning("refused client %s from %s: %s", header["client"], ws.remote_address, reason)
+            self.refusals.refused(_host_of(ws.remote_address))
+            await ws.close(CloseCode.AUTH_FAILED, reason)
+            return
+        await self.clients.serve(ws, principal, header)
+
+    def _adopt(self, worker_id: str, holding: Any) -> None:
+        """A worker back after this foreman restarted still holds batches of stored jobs: they count as in flight
+        there, so they are not run twice. Once every worker awaited is back, the resumed jobs run anywhere."""
+        adopted = 0
+        if isinstance(holding, list):
+            for entry in holding:
+                if (isinstance(entry, list) and len(entry) == 3 and all(type(v) is int for v in entry)
+                        and entry[0] in self.stored):
+                    adopted += self.scheduler.adopt(worker_id, *entry)
+        if adopted:
+            log.info("worker %s still held %s batches of resumed jobs", worker_id, adopted, extra={"worker": worker_id})
+        self._awaited.discard(worker_id)
+        if not self._awaited:
+            for job_id in self.stored:
+                self.scheduler.jobs[job_id].held_until = 0.0
 
     async def _writer(self, peer: Peer) -> None:
         while True:
@@ -342,10 +444,12 @@ class ForemanServer:
         failures = self.scheduler.remove_worker(peer.worker_id, lost)
         now = time.time()
         self.fleet.worker_left(now, peer.worker_id, lost, reason)
+        self.journal.worker_left(peer.worker_id, reason)
         if lost:
-            log.warning("worker %s lost (%s); its %s batches are reassigned", peer.worker_id, reason, held)
+            log.warning("worker %s lost (%s); its %s batches are reassigned", peer.worker_id, reason, held,
+                        extra={"worker": peer.worker_id})
         else:
-            log.info("worker %s left (%s)", peer.worker_id, reason)
+            log.info("worker %s left (%s)", peer.worker_id, reason, extra={"worker": peer.worker_id})
         if held:
             self.fleet.event(now, "reassign", f"{held} batches of worker {peer.worker_id} requeued")
         self._report_failures(failures)
@@ -365,7 +469,7 @@ class ForemanServer:
         elif kind is Kind.DRAIN:
             peer.leaving = True
             self.scheduler.drain_worker(peer.worker_id)
-            log.info("worker %s is draining", peer.worker_id)
+            log.info("worker %s is draining", peer.worker_id, extra={"worker": peer.worker_id})
         else:
             raise ProtocolError(f"unexpected {kind.name} from a worker")
 
@@ -415,7 +519,7 @@ class ForemanServer:
             batch = failure.batch
             record = self.jobs.get(batch.job_id)
             if record is not None:
-                log.error("%s", failure.reason)
+                log.error("%s", failure.reason, extra={"job": batch.job_id, "task": batch.start})
                 self.fleet.task_lost(time.time(), batch.job_id, batch.start, batch.count, failure.reason)
                 record.sink.fail(batch.start, batch.count, TaskLostError(failure.reason))
                 self._maybe_finish(batch.job_id)
@@ -433,6 +537,7 @@ class ForemanServer:
             if peer is not None:
                 peer.send(protocol.encode(Kind.JOB_DONE, {"job": job_id}))
         record.sink.finished(job.cancelled)
+        self.stored.pop(job_id, None)
 
     def _pump(self) -> None:
         """Send whatever the scheduler assigns now. A job's sink hears that it starts before its first batch is
@@ -476,16 +581,20 @@ class ForemanServer:
     def tick(self) -> None:
         """Declare silent workers lost, apply token revocations, sample activity, say why waiting jobs wait."""
         self.fleet.sample(time.time())
+        self.clients.tick(time.monotonic())
+        self.journal.purge()
         revoked = {p.token for p in self.auth.reload_if_changed()}
         for peer in [p for p in self.peers.values() if p.principal.token in revoked]:
-            log.warning("worker %s: its token was revoked, disconnecting it", peer.worker_id)
+            log.warning("worker %s: its token was revoked, disconnecting it", peer.worker_id,
+                        extra={"worker": peer.worker_id})
             self._drop(peer, lost=False, reason="token revoked")
             _close_soon(peer.ws, CloseCode.AUTH_FAILED, "token revoked")
         for worker_id in self.scheduler.expired():
             peer = self.peers.get(worker_id)
             if peer is None:
                 continue
-            log.warning("worker %s silent for %.0fs: declared lost", worker_id, self.heartbeat_timeout)
+            log.warning("worker %s silent for %.0fs: declared lost", worker_id, self.heartbeat_timeout,
+                        extra={"worker": worker_id})
             self._drop(peer, lost=True, reason=f"no heartbeat for {self.heartbeat_timeout:g}s")
             _close_soon(peer.ws, CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat within the timeout")
         self._pump()  # a batch may have become slow enough to run a second copy of
@@ -494,8 +603,26 @@ class ForemanServer:
                 if not self.scheduler.can_be_served(job):
                     self._waiting_logged.add(job.id)
                     message = f"job {job.id} is waiting: no connected worker has {_needs(job)}"
-                    log.warning("%s", message)
+                    log.warning("%s", message, extra={"job": job.id})
                     self.fleet.event(time.time(), "waiting", message)
+
+
+def _placement(options: dict[str, Any]) -> dict[str, Any]:
+    """Scheduler placement from a stored job's JSON options; ValueError/TypeError for bad values."""
+    requires = options.get("requires", [])
+    resources = options.get("resources", {})
+    priority = options.get("priority", 0)
+    task_timeout = options.get("task_timeout")
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        raise ValueError("requires must be a list of capability names")
+    if not isinstance(resources, dict) or not all(isinstance(v, (int, float)) for v in resources.values()):
+        raise ValueError("resources must map names to numbers")
+    if type(priority) is not int:
+        raise ValueError("priority must be an integer")
+    if task_timeout is not None and not isinstance(task_timeout, (int, float)):
+        raise ValueError("task_timeout must be a number of seconds")
+    return {"requires": frozenset(requires), "resources": dict(resources), "priority": priority,
+            "task_timeout": task_timeout}
 
 
 def _close_soon(ws: ServerConnection, code: int, reason: str) -> None:

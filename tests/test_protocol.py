@@ -33,6 +33,19 @@ VALID: dict[Kind, dict[str, Any]] = {
     Kind.RESTART: {"hard": False},
     Kind.DRAIN: {},
     Kind.CHECKPOINT: {"job": 1, "task": 3},
+    Kind.CONNECT: {"protocol": 1, "client": "c1", "token": "t", "python": "3.11.7", "cloudpickle": "3.0.0"},
+    Kind.SUBMIT: {"ref": 1, "name": "f", "digest": "ab12", "call": "one", "detached": False, "options": {}},
+    Kind.ACCEPTED: {"ref": 1, "job": 4},
+    Kind.INPUT: {"job": 4, "start": 0, "count": 2},
+    Kind.INPUT_END: {"job": 4},
+    Kind.ABORT: {"job": 4},
+    Kind.ATTACH: {"job": 4, "after": 0},
+    Kind.ATTACHED: {"job": 4, "fed": 10},
+    Kind.ACK: {"job": 4, "seq": 3},
+    Kind.OUTPUT: {"job": 4, "seq": 1, "start": 0, "count": 2, "status": "ok", "fed": 10},
+    Kind.JOB_END: {"job": 4, "state": "done"},
+    Kind.QUERY: {"ref": 2, "what": "jobs"},
+    Kind.REPLY: {"ref": 2, "jobs": []},
 }
 
 PAYLOAD = b"\x80\x05pickled\x00bytes"

@@ -1,0 +1,248 @@
+"""The foreman's side of remote clients: scripts that submit jobs over a WebSocket (``Foreman.connect(...)``).
+
+A client authenticates with a client token (or the admin token) in its CONNECT, then submits stored jobs (see
+:mod:`foreman.stored`), streams their input, and receives their results as OUTPUT messages. Each client sees only
+the jobs its principal owns; the admin sees all. A client that reconnects presents the same ``client`` id and
+attaches to its jobs again; the jobs of a client gone for longer than ``client_grace`` are cancelled, unless they
+are detached (those run to the end and wait in the journal for anyone of their owner to fetch them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from foreman import protocol
+from foreman.auth import ADMIN, CLIENT, Principal
+from foreman.errors import ProtocolError
+from foreman.journal import JobRow, Output
+from foreman.protocol import CloseCode, Kind
+from foreman.stored import StoredJob
+
+if TYPE_CHECKING:
+    from foreman.server import ForemanServer
+
+log = logging.getLogger("crowdcompute.foreman")
+
+#: Job options a client may set (the rest of JobOptions acts on the client's side or inside the function).
+PLACEMENT_OPTIONS = frozenset({"requires", "resources", "priority", "task_timeout"})
+
+
+class ClientPeer:
+    """One connected client; a :class:`~foreman.stored.Subscriber` of the jobs it attached to."""
+
+    def __init__(self, ws: ServerConnection, client_id: str, principal: Principal) -> None:
+        self.ws = ws
+        self.client_id = client_id
+        self.principal = principal
+        self.attached: set[int] = set()
+        self.outbound: asyncio.Queue[bytes] = asyncio.Queue()
+
+    @property
+    def admin(self) -> bool:
+        return self.principal.role == ADMIN
+
+    def send(self, data: bytes) -> None:
+        self.outbound.put_nowait(data)
+
+    async def write(self) -> None:
+        """Send queued messages in order until the connection closes."""
+        while True:
+            data = await self.outbound.get()
+            try:
+                await self.ws.send(data)
+            except ConnectionClosed:
+                return
+
+    def output(self, output: Output, fed: int) -> None:
+        header: dict[str, Any] = {"job": output.job, "seq": output.seq, "start": output.start,
+                                  "count": output.count, "status": output.status, "fed": fed,
+                                  "elapsed": output.elapsed, "worker": output.worker}
+        if output.error is not None:
+            header["error"] = output.error
+        self.send(protocol.encode(Kind.OUTPUT, header, output.payload))
+
+    def ended(self, job: JobRow) -> None:
+        self.attached.discard(job.id)
+        self.send(protocol.encode(Kind.JOB_END, {"job": job.id, "state": job.state, "error": job.error}))
+
+
+class ClientService:
+    """Serves client connections for a :class:`~foreman.server.ForemanServer`."""
+
+    def __init__(self, server: ForemanServer, client_grace: float = 300.0) -> None:
+        self.server = server
+        self.client_grace = client_grace
+        self.peers: dict[str, ClientPeer] = {}
+
+    def identify(self, header: dict[str, Any]) -> tuple[Principal | None, str]:
+        """The principal of a CONNECT, or None and why it is refused."""
+        principal = self.server.auth.identify(header["token"])
+        if principal is None:
+            return None, "token required" if not header["token"] else "invalid token"
+        if principal.role not in (ADMIN, CLIENT):
+            return None, "a worker token cannot connect as a client"
+        return principal, ""
+
+    async def serve(self, ws: ServerConnection, principal: Principal, header: dict[str, Any]) -> None:
+        """Run one client connection after its CONNECT was accepted."""
+        server = self.server
+        peer = ClientPeer(ws, header["client"], principal)
+        old = self.peers.get(peer.client_id)
+        if old is not None:
+            self._drop(old)
+            await old.ws.close(CloseCode.REPLACED, "replaced by a new connection of the same client")
+        self.peers[peer.client_id] = peer
+        await ws.send(protocol.encode(Kind.WELCOME, {
+            "session": server.session, "heartbeat_interval": server.heartbeat_interval,
+            "heartbeat_timeout": server.heartbeat_timeout, "max_message_size": server.max_message_size,
+            "principal": principal.name, "admin": peer.admin, "trust_workers": server.trust_workers,
+            **self.capacity()}))
+        log.info("client %s (%s) connected from %s", peer.client_id, principal.name, ws.remote_address,
+                 extra={"client": peer.client_id})
+        writer = asyncio.create_task(peer.write())
+        try:
+            async for data in ws:
+                self._on_message(peer, protocol.decode(data, server.max_message_size))
+        except ProtocolError as exc:
+            log.warning("client %s sent a bad message, closing: %s", peer.client_id, exc,
+                        extra={"client": peer.client_id})
+            await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
+        except ConnectionClosed:
+            pass
+        finally:
+            writer.cancel()
+            if self.peers.get(peer.client_id) is peer:
+                self._drop(peer)
+
+    def capacity(self) -> dict[str, int]:
+        """What a client's feeder sizes its window and batches by."""
+        return {"capacity": self.server.scheduler.capacity, "slots": self.server.scheduler.slots}
+
+    def _drop(self, peer: ClientPeer) -> None:
+        del self.peers[peer.client_id]
+        now = time.monotonic()
+        for job_id in peer.attached:
+            stored = self.server.stored.get(job_id)
+            if stored is not None:
+                stored.detach(peer, now)
+        peer.attached.clear()
+
+    # -- messages --------------------------------------------------------------------------------------------
+
+    def _on_message(self, peer: ClientPeer, msg: protocol.Message) -> None:
+        kind, header = msg.kind, msg.header
+        if kind is Kind.SUBMIT:
+            self._submit(peer, header, msg.payload)
+        elif kind is Kind.INPUT:
+            stored = self._running(peer, header["job"])
+            try:
+                fresh = stored is not None and stored.add_input(header["start"], header["count"], msg.payload)
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from None
+            if fresh:
+                self.server.add_batch(header["job"], header["start"], header["count"], bytes(msg.payload))
+        elif kind is Kind.INPUT_END:
+            stored = self._running(peer, header["job"])
+            if stored is not None and not stored.input_closed:
+                stored.close_input()
+                self.server.close_input(stored.id)
+        elif kind is Kind.ABORT:
+            if self._running(peer, header["job"]) is not None:
+                self.server.cancel_job(header["job"])
+        elif kind is Kind.ATTACH:
+            self._attach(peer, header["job"], header["after"])
+        elif kind is Kind.ACK:
+            self._running(peer, header["job"])
+            self.server.journal.acknowledge(header["job"], header["seq"])
+        elif kind is Kind.QUERY:
+            peer.send(protocol.encode(Kind.REPLY, {"ref": header["ref"], **self._query(peer, header)}))
+        elif kind is Kind.HEARTBEAT:
+            peer.send(protocol.encode(Kind.HEARTBEAT, self.capacity()))
+        else:
+            raise ProtocolError(f"unexpected {kind.name} from a client")
+
+    def _submit(self, peer: ClientPeer, header: dict[str, Any], function: memoryview | bytes) -> None:
+        options = header["options"]
+        try:
+            unknown = set(options) - PLACEMENT_OPTIONS
+            if unknown:
+                raise ValueError(f"unknown job options {sorted(unknown)}")
+            total = header.get("total")
+            if total is not None and (type(total) is not int or total < 0):
+                raise ValueError("total must be a count of tasks or null")
+            stored = self.server.add_stored_job(peer.principal.name, header["name"], header["digest"],
+                                                header["call"], bytes(function), options, total,
+                                                header["detached"])
+        except (TypeError, ValueError) as exc:
+            peer.send(protocol.encode(Kind.ACCEPTED, {"ref": header["ref"], "error": str(exc)}))
+            return
+        peer.send(protocol.encode(Kind.ACCEPTED, {"ref": header["ref"], "job": stored.id}))
+        peer.attached.add(stored.id)
+        stored.attach(peer, 0)
+
+    def _attach(self, peer: ClientPeer, job_id: int, after: int) -> None:
+        row = self.server.journal.job(job_id)
+        if row is None or not self._may_see(peer, row):
+            peer.send(protocol.encode(Kind.ATTACHED, {"job": job_id, "error": _unknown(job_id, self.server)}))
+            return
+        peer.send(protocol.encode(Kind.ATTACHED, {"job": job_id, **row.summary()}))
+        stored = self.server.stored.get(job_id)
+        if stored is None:  # over: send what is kept, then the end
+            for output in self.server.journal.outputs(job_id, after):
+                peer.output(output, row.fed)
+            peer.ended(row)
+            return
+        peer.attached.add(job_id)
+        stored.attach(peer, after)
+
+    def _query(self, peer: ClientPeer, header: dict[str, Any]) -> dict[str, Any]:
+        journal = self.server.journal
+        if header["what"] == "jobs":
+            rows = journal.jobs(None if peer.admin else peer.principal.name, header.get("state"))
+            return {"jobs": [row.summary() for row in rows]}
+        if header["what"] == "job":
+            job_id = header.get("job")
+            row = journal.job(job_id) if type(job_id) is int else None
+            if row is None or not self._may_see(peer, row):
+                return {"error": _unknown(job_id, self.server)}
+            return {"job": row.summary()}
+        if header["what"] == "fleet":
+            return {"workers": list(self.server.peers), **self.capacity()}
+        return {"error": f"unknown query {header['what']!r} (expected jobs, job or fleet)"}
+
+    def _running(self, peer: ClientPeer, job_id: int) -> StoredJob | None:
+        """The client's running job ``job_id``; None if it is over (messages crossing its end are ignored).
+        ProtocolError if the client has no such job at all."""
+        stored = self.server.stored.get(job_id)
+        if stored is not None and (peer.admin or stored.owner == peer.principal.name):
+            return stored
+        row = self.server.journal.job(job_id)
+        if row is None or not self._may_see(peer, row):
+            raise ProtocolError(f"no job {job_id} of {peer.principal.name}")
+        return None
+
+    def _may_see(self, peer: ClientPeer, row: JobRow) -> bool:
+        return peer.admin or row.owner == peer.principal.name
+
+    # -- clock -----------------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Cancel the jobs of clients gone for longer than the grace period (not detached ones)."""
+        for stored in list(self.server.stored.values()):
+            orphaned = stored.orphaned_at
+            if orphaned is not None and now - orphaned > self.client_grace and (
+                    not stored.detached or not stored.input_closed):
+                log.warning("job %s: its client has been gone for %.0fs, cancelling it", stored.id, now - orphaned,
+                            extra={"job": stored.id})
+                self.server.cancel_job(stored.id)
+
+
+def _unknown(job_id: Any, server: ForemanServer) -> str:
+    hint = "" if server.journal.persistent else " (this foreman keeps no journal across restarts: no --data-dir)"
+    return f"no job {job_id} of yours on this foreman{hint}"
