@@ -1,13 +1,15 @@
-"""The ``crowdcompute`` command: ``crowdcompute foreman ...`` and ``crowdcompute worker ...``."""
+"""The ``crowdcompute`` command: ``crowdcompute foreman ...``, ``crowdcompute worker ...`` and
+``crowdcompute jobs ...``."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: crowdcompute {foreman,worker} [options]
+USAGE = """usage: crowdcompute {foreman,worker,jobs} [options]
 
   crowdcompute foreman --port 9000 --token T     run a foreman (see: crowdcompute foreman --help)
   crowdcompute worker ws://HOST:9000 --token T   run a worker  (see: crowdcompute worker --help)
+  crowdcompute jobs --address ws://HOST:9000 list   list a foreman's stored jobs (see: crowdcompute jobs --help)
 """
 
 
@@ -21,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         from foreman.__main__ import main as run
     elif command == "worker":
         from worker.__main__ import main as run
+    elif command == "jobs":
+        from foreman.jobs_cli import main as run
     else:
         print(f"crowdcompute: unknown command {command!r}\n{USAGE}", end="", file=sys.stderr)
         return 2

@@ -95,8 +95,8 @@ class ClientService:
         peer = ClientPeer(ws, header["client"], principal)
         old = self.peers.get(peer.client_id)
         if old is not None:
-            self._drop(old)
-            await old.ws.close(CloseCode.REPLACED, "replaced by a new connection of the same client")
+            self._drop(old)  # closed without waiting: a silent peer would hold this one up
+            asyncio.ensure_future(old.ws.close(CloseCode.REPLACED, "replaced by a new connection of the same client"))
         self.peers[peer.client_id] = peer
         await ws.send(protocol.encode(Kind.WELCOME, {
             "session": server.session, "heartbeat_interval": server.heartbeat_interval,

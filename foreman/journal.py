@@ -16,6 +16,7 @@ is never lost by a crash. Writes are per batch, never per task: one result batch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -133,6 +134,17 @@ class Journal:
             self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Statements that commit together or not at all (outside one, each statement commits by itself)."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     @property
     def persistent(self) -> bool:
         return self.path != ":memory:"
@@ -163,7 +175,7 @@ class Journal:
 
     def add_job(self, job_id: int, owner: str, name: str, digest: str, call: str, function: bytes,
                 options: dict[str, Any], total: int | None, detached: bool) -> None:
-        with self.db:
+        with self._transaction():
             self.db.execute("INSERT INTO jobs (id, owner, name, digest, call, function, options, total, detached,"
                             " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (job_id, owner, name, digest, call, function, json.dumps(options), total, detached,
@@ -171,7 +183,7 @@ class Journal:
             self.reserve_job_id(job_id)
 
     def add_input(self, job_id: int, start: int, count: int, payload: bytes | memoryview) -> None:
-        with self.db:
+        with self._transaction():
             self.db.execute("INSERT INTO inputs VALUES (?, ?, ?, ?)", (job_id, start, count, payload))
             self.db.execute("UPDATE jobs SET fed = ? WHERE id = ?", (start + count, job_id))
 
@@ -181,7 +193,7 @@ class Journal:
     def add_output(self, output: Output) -> None:
         """Store a result batch and drop the input it answers, in one transaction."""
         failed = output.count if output.status != "ok" else 0
-        with self.db:
+        with self._transaction():
             self.db.execute("INSERT INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (output.job, output.seq, output.start, output.count, output.status, output.payload,
                              output.error, output.elapsed, output.worker))
@@ -197,13 +209,13 @@ class Journal:
                         " (SELECT id FROM jobs WHERE detached)", (job_id, seq))
 
     def finish_job(self, job_id: int, state: str, error: str | None = None) -> None:
-        with self.db:
+        with self._transaction():
             self.db.execute("UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ?",
                             (state, error, time.time(), job_id))
             self.db.execute("DELETE FROM inputs WHERE job = ?", (job_id,))
 
     def delete_job(self, job_id: int) -> None:
-        with self.db:
+        with self._transaction():
             for table, column in (("jobs", "id"), ("inputs", "job"), ("outputs", "job")):
                 self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
 

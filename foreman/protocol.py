@@ -65,6 +65,7 @@ class Kind(enum.IntEnum):
     JOB_END = 30  # F: the job is over (state done, cancelled or failed), after its last OUTPUT
     QUERY = 31  # C: a question about jobs or the fleet; answered by REPLY
     REPLY = 32  # F: the answer to a QUERY (JSON in the header)
+    RECEIVED = 33  # F: a worker's RESULTS are safe (journaled); sent only when WELCOME says confirms_results
 
 
 class Message(NamedTuple):
@@ -102,6 +103,7 @@ SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
     Kind.JOB_END: {"job": int, "state": str},
     Kind.QUERY: {"ref": int, "what": str},
     Kind.REPLY: {"ref": int},
+    Kind.RECEIVED: {"job": int, "start": int, "count": int},
 }
 
 #: Kinds whose payload is meaningful; any other kind must arrive with an empty payload.

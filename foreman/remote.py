@@ -269,7 +269,7 @@ class RemoteBackend:
         future = self._queries[self._refs] = asyncio.get_running_loop().create_future()
         self._send(Kind.QUERY, {"ref": self._refs, "what": what, **fields})
         reply = await future
-        if "error" in reply:
+        if reply.get("error"):
             raise LookupError(reply["error"])
         return reply
 
@@ -313,7 +313,7 @@ class RemoteBackend:
         job = self.jobs.get(header["ref"])
         if job is None:
             return
-        if "error" in header or type(header.get("job")) is not int:
+        if header.get("error") or type(header.get("job")) is not int:
             error = ValueError(f"the foreman refused the job: {header.get('error')}")
             del self.jobs[job.ref]
             job.accepted.set_exception(error)
@@ -331,7 +331,7 @@ class RemoteBackend:
         job = self.jobs.get(header["job"])
         if job is None:
             return
-        if "error" in header:
+        if header.get("error"):
             self._forget(job)
             job.sink.aborted(ForemanClosedError(str(header["error"])))
             return

@@ -396,7 +396,8 @@ class ForemanServer:
         self._adopt(worker_id, hello.get("holding") if hello.get("foreman_session") == self.session else None)
         await ws.send(protocol.encode(Kind.WELCOME, {
             "session": self.session, "heartbeat_interval": self.heartbeat_interval,
-            "heartbeat_timeout": self.heartbeat_timeout, "max_message_size": self.max_message_size}))
+            "heartbeat_timeout": self.heartbeat_timeout, "max_message_size": self.max_message_size,
+            "confirms_results": self.journal.persistent}))
         log.info("worker %s joined from %s (%s slots, Python %s)", worker_id, address, hello["concurrency"],
                  hello["python"], extra={"worker": worker_id})
         self._pump()
@@ -512,6 +513,8 @@ class ForemanServer:
             self._report_failures([failure] if failure else [])
         elif status == protocol.STATUS_RETURNED:
             scheduler.hand_back(peer.worker_id, job_id, start, count)
+        if self.journal.persistent:  # the worker may forget these results: a restart will not need them again
+            peer.send(protocol.encode(Kind.RECEIVED, {"job": job_id, "start": start, "count": count}))
         self._pump()
 
     def _report_failures(self, failures: list[Failure]) -> None:

@@ -46,6 +46,7 @@ VALID: dict[Kind, dict[str, Any]] = {
     Kind.JOB_END: {"job": 4, "state": "done"},
     Kind.QUERY: {"ref": 2, "what": "jobs"},
     Kind.REPLY: {"ref": 2, "jobs": []},
+    Kind.RECEIVED: {"job": 4, "start": 0, "count": 2},
 }
 
 PAYLOAD = b"\x80\x05pickled\x00bytes"

@@ -76,6 +76,9 @@ class Worker:
         self._ws: ClientConnection | None = None
         self._outbound: asyncio.Queue[bytes] | None = None
         self._outbox: list[bytes] = []  # results finished while disconnected, sent on the next connection
+        # Results a foreman with a journal has not confirmed yet (RECEIVED): sent again if it restarts meanwhile.
+        self._unconfirmed: dict[tuple[int, int, int], bytes] = {}
+        self._confirms = False
         self._session = 0
         self._foreman_session: str | None = None  # the foreman's own id (WELCOME): a new one means a new foreman
         self._resume: dict[tuple[int, int], bytes] = {}  # (job, task) -> checkpoint to resume it from
@@ -241,6 +244,7 @@ class Worker:
 
     async def _serve(self, ws: ClientConnection) -> None:
         hello = await asyncio.to_thread(self._hello)  # NVML and psutil may take a while: keep the loop free
+        hello.update(self._holding())
         await ws.send(protocol.encode(Kind.HELLO, hello))
         try:
             welcome = protocol.decode(await asyncio.wait_for(ws.recv(), 30), self.config.max_message_size)
@@ -264,8 +268,10 @@ class Worker:
         self._last_heard = time.monotonic()
         log.info("connected to %s as %s (session %s)", self.config.foreman_url, self.config.worker_id,
                  welcome.header["session"])
+        self._confirms = bool(welcome.header.get("confirms_results"))
         self._outbound = asyncio.Queue()
-        for data in self._outbox:
+        queued = {id(data) for data in self._outbox}
+        for data in [*self._outbox, *(d for d in self._unconfirmed.values() if id(d) not in queued)]:
             self._outbound.put_nowait(data)
         self._outbox.clear()
         tasks = [asyncio.create_task(self._writer(ws, self._outbound)), asyncio.create_task(self._heartbeats(ws))]
@@ -297,6 +303,7 @@ class Worker:
     def _forget_foreman(self) -> None:
         """Drop results for, and kill tasks of, the foreman we were serving."""
         self._outbox.clear()
+        self._unconfirmed.clear()
         self._foreman_session = None
         if self.executor is not None:
             self.executor.stop_items(protocol.STATUS_CANCELLED)
@@ -315,6 +322,19 @@ class Worker:
             "dashboard": self.dashboard.url if self.dashboard is not None else None,
             **sysinfo.describe(),
         }
+
+    def _holding(self) -> dict[str, Any]:
+        """The batches of the last foreman this worker still runs or holds results of: a foreman that restarted
+        from its journal (same session) counts them as in flight here instead of running them again."""
+        if self._foreman_session is None:
+            return {}
+        held = [[item.job_id, item.start, item.count] for item in
+                (self.executor.running_items() if self.executor is not None else [])]
+        for data in self._outbox:
+            header = protocol.decode(data, self.config.max_message_size).header
+            held.append([header["job"], header["start"], header["count"]])
+        held.extend([list(key) for key in self._unconfirmed])
+        return {"foreman_session": self._foreman_session, "holding": held}
 
     async def _writer(self, ws: ClientConnection, outbound: asyncio.Queue[bytes]) -> None:
         while True:
@@ -382,6 +402,8 @@ class Worker:
         elif kind is Kind.CANCEL:
             assert self.executor is not None
             self.executor.stop_items(protocol.STATUS_CANCELLED, header["job"], header.get("start"))
+        elif kind is Kind.RECEIVED:
+            self._unconfirmed.pop((header["job"], header["start"], header["count"]), None)
         elif kind is Kind.JOB_DONE:
             self._jobs.pop(header["job"], None)
             for key in [k for k in self._resume if k[0] == header["job"]]:
@@ -432,7 +454,10 @@ class Worker:
             header["error"] = (f"the batch's results pickle to {len(payload)} bytes, over the "
                                f"{self.config.max_message_size}-byte message limit")
             payload = b""
-        self._send(protocol.encode(Kind.RESULTS, header, payload))
+        data = protocol.encode(Kind.RESULTS, header, payload)
+        if self._confirms:
+            self._unconfirmed[(item.job_id, item.start, item.count)] = data
+        self._send(data)
 
     # -- process plumbing ------------------------------------------------------------------------------------
 
