@@ -28,7 +28,7 @@ from foreman.jobs import Job, JobOptions, SubmittedTask, _pickle_fitting
 from foreman.journal import Journal
 from foreman.local import LocalWorkers
 from foreman.remote import RemoteBackend
-from foreman.serialization import dumps_function
+from foreman.serialization import dumps_function, ship_by_value
 from foreman.server import ForemanServer
 from foreman.tls import certificate_fingerprint, client_context, parse_fingerprint, server_context
 
@@ -215,12 +215,14 @@ class Foreman(AsyncAPI):
              timeout: float | None = None, progress: bool = False, **options: Any) -> Job:
         """A lazy iterator of results in input order; the input is consumed only as fast as results are."""
         self._check_open()
+        self._ship(fn)
         return Job(self, fn, iterables, chunksize, True, timeout, progress, self._options(options))
 
     def imap_unordered(self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int | None = None,
                        timeout: float | None = None, progress: bool = False, **options: Any) -> Job:
         """Like :meth:`imap`, yielding results as they complete."""
         self._check_open()
+        self._ship(fn)
         return Job(self, fn, iterables, chunksize, False, timeout, progress, self._options(options))
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
@@ -239,12 +241,18 @@ class Foreman(AsyncAPI):
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 options: JobOptions) -> concurrent.futures.Future[Any]:
         self._check_open()
+        self._ship(fn)
         digest, function = dumps_function(options.shipped(fn))
         limit = self._backend.max_message_size - protocol.MAX_HEADER_SIZE
         ((_, _, payload),) = _pickle_fitting([(args, kwargs)], 0, limit)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         SubmittedTask(self, future, digest, function, payload, getattr(fn, "__qualname__", repr(fn)), options)
         return future
+
+    def _ship(self, fn: Callable[..., Any]) -> None:
+        """Connected to a foreman whose workers are elsewhere: a function from a local module travels by value."""
+        if self._server is None:
+            ship_by_value(fn)
 
     def _options(self, options: dict[str, Any]) -> JobOptions:
         if "requires" in options:
@@ -266,6 +274,7 @@ class Foreman(AsyncAPI):
         any process of the same owner, while the foreman keeps it (``retention``). Options as for :meth:`map`.
         """
         self._check_open()
+        self._ship(fn)
         job_options = self._options(options)
         if not iterables:
             raise TypeError("submit_job() needs at least one iterable")

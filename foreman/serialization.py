@@ -8,9 +8,11 @@ Results are loaded with :func:`loads_results`; the foreman's trust policy for wo
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import platform
 import sys
+import sysconfig
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
@@ -51,6 +53,20 @@ def dumps_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
     except TypeError:
         pass  # not weak-referenceable (some builtins): pickled again next time
     return entry
+
+
+def ship_by_value(fn: Callable[..., Any]) -> None:
+    """Make ``fn``'s module travel by value (pickled with the function) when it is a local module: one of the
+    user's own files rather than an installed package or the standard library, so workers on other machines,
+    which do not have it, can still run ``fn``. Modules that module imports are not shipped: register them with
+    ``cloudpickle.register_pickle_by_value(module)``."""
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    path = getattr(module, "__file__", None)
+    if module is None or path is None or module.__name__ == "__main__" or "." in module.__name__:
+        return  # __main__ travels by value anyway; submodules of packages are left to the user
+    installed = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    if not any(os.path.abspath(path).startswith(os.path.abspath(root) + os.sep) for root in installed):
+        cloudpickle.register_pickle_by_value(module)
 
 
 def dumps_items(items: Sequence[Any], first_index: int = 0) -> bytes:

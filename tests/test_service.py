@@ -308,3 +308,14 @@ def test_connecting_to_nothing_fails_clearly() -> None:
     with pytest.raises(ConnectionError, match="cannot reach the foreman"):
         Foreman.connect("ws://127.0.0.1:9", token="x")
 
+
+
+def test_a_function_from_a_local_module_travels_by_value(service: Service, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script's own module (not on the workers' path) is shipped with the function."""
+    (tmp_path / "script_helpers.py").write_text("OFFSET = 1000\n\ndef shifted(x):\n    return x + OFFSET\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import script_helpers
+
+    with connect(service) as fm:
+        assert fm.map(script_helpers.shifted, range(5)) == [1000, 1001, 1002, 1003, 1004]
