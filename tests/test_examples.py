@@ -55,3 +55,11 @@ def test_secure_fleet_example() -> None:
     assert re.search(r"foreman at wss://127\.0\.0\.1:\d+, dashboard at https://", done.stdout)
     assert "worker volunteer-1 verified the foreman and joined" in done.stdout
     assert "cubes: [0, 1, 8, 27, 64, 125, 216, 343, 512, 729]" in done.stdout
+
+
+def test_foreman_service_example() -> None:
+    done = run_example("foreman_service.py")
+    assert "map: [0, 1, 7, 2, 5, 8, 16, 3, 19, 6]" in done.stdout
+    job_id = re.search(r"submitted detached job (\d+)", done.stdout).group(1)
+    assert f"job {job_id}: done, 10,000 results, longest chain 261 steps" in done.stdout
+    assert "asyncio: longest Collatz chain below 2,001 takes 181 steps; 27 takes 111" in done.stdout
