@@ -41,6 +41,7 @@ class ClientPeer:
         self.client_id = client_id
         self.principal = principal
         self.attached: set[int] = set()
+        self.last_heard = time.monotonic()
         self.outbound: asyncio.Queue[bytes] = asyncio.Queue()
 
     @property
@@ -108,6 +109,7 @@ class ClientService:
         writer = asyncio.create_task(peer.write())
         try:
             async for data in ws:
+                peer.last_heard = time.monotonic()
                 self._on_message(peer, protocol.decode(data, server.max_message_size))
         except ProtocolError as exc:
             log.warning("client %s sent a bad message, closing: %s", peer.client_id, exc,
@@ -233,7 +235,14 @@ class ClientService:
     # -- clock -----------------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Cancel the jobs of clients gone for longer than the grace period (not detached ones)."""
+        """Drop clients silent for longer than the heartbeat timeout; cancel the jobs of clients gone for longer
+        than the grace period (not detached ones)."""
+        for peer in list(self.peers.values()):
+            if now - peer.last_heard > self.server.heartbeat_timeout:
+                log.warning("client %s silent for %.0fs: dropping it", peer.client_id, now - peer.last_heard,
+                            extra={"client": peer.client_id})
+                self._drop(peer)
+                peer.ws.transport.abort()
         for stored in list(self.server.stored.values()):
             orphaned = stored.orphaned_at
             if orphaned is not None and now - orphaned > self.client_grace and (

@@ -104,7 +104,13 @@ class RemoteBackend:
         await self._ready
 
     async def close(self) -> None:
+        """Close the connection; jobs still running fail with ForemanClosedError (they go on on the foreman
+        until their client's grace period is over, detached ones to the end)."""
         self._closing = True
+        for job in set(self.jobs.values()):
+            job.sink.aborted(ForemanClosedError(f"the connection to {self.address} was closed before job "
+                                                f"{job.job_id} finished"))
+        self.jobs.clear()
         if self._ws is not None:
             await self._ws.close()
         if self._runner is not None:
@@ -167,6 +173,7 @@ class RemoteBackend:
         self.max_message_size = header["max_message_size"]
         self.trust_workers = bool(header.get("trust_workers", False))
         self.principal, self.admin = str(header.get("principal", "")), bool(header.get("admin", False))
+        self.heartbeat_interval = min(self.heartbeat_interval, float(header["heartbeat_interval"]))
         self._capacity(header)
         self._ws = ws
         self._last_heard = time.monotonic()
