@@ -55,3 +55,11 @@ def test_secure_fleet_example() -> None:
     assert re.search(r"foreman at wss://127\.0\.0\.1:\d+, dashboard at https://", done.stdout)
     assert "worker volunteer-1 verified the foreman and joined" in done.stdout
     assert "cubes: [0, 1, 8, 27, 64, 125, 216, 343, 512, 729]" in done.stdout
+
+
+def test_volunteer_prefs_example_pauses_while_the_owner_types_and_resumes_from_the_checkpoint() -> None:
+    done = run_example("volunteer_prefs.py")
+    assert "worker paused: the keyboard or mouse was used 1s ago (resume after 120s idle)" in done.stdout
+    assert re.search(r"worker resumed: (idle|busy)", done.stdout)
+    first = int(re.search(r"the task counted to 200, resuming from step (\d+) rather than from 0", done.stdout)[1])
+    assert 0 < first < 200
