@@ -115,7 +115,7 @@ PAYLOAD_KINDS = frozenset({Kind.JOB, Kind.TASKS, Kind.RESULTS, Kind.CHECKPOINT, 
 #: Values of the RESULTS ``status`` field.
 STATUS_OK = "ok"  # the batch ran; per-task exceptions travel inside the payload
 STATUS_CRASHED = "crashed"  # the process running the batch died (header "error" says how)
-STATUS_RETURNED = "returned"  # handed back unstarted (draining, restarting); not the batch's fault
+STATUS_RETURNED = "returned"  # handed back (draining, restarting, paused); not the batch's fault
 STATUS_CANCELLED = "cancelled"  # stopped on the foreman's request
 RESULT_STATUSES = frozenset({STATUS_OK, STATUS_CRASHED, STATUS_RETURNED, STATUS_CANCELLED})
 #: An OUTPUT's tasks failed for good (lost as poison, cancelled...): header ``error_type`` and ``error`` say why.

@@ -22,53 +22,53 @@ def _status(fm: Foreman, worker_id: str) -> tuple[str, str]:
 
 def test_a_worker_paused_mid_job_hands_its_tasks_back_and_nothing_is_lost_or_duplicated(spawn_worker) -> None:
     owner = Owner()
-    with Foreman(port=0, heartbeat_interval=0.2, heartbeat_timeout=1.5) as fm:
-        with running_worker(fm.address, "volunteer", owner, concurrency=2) as volunteer:
-            fm.wait_for_workers(1)
-            job = fm.imap(counts_to, [(40, 0.05)] * 4, chunksize=1)  # 2 running, 2 prefetched on the volunteer
-            saved = fm._server.checkpoints
-            wait_until(lambda: len(saved.get(job.id, {})) == 2 and min(map(_step, saved[job.id].values())) >= 5)
-            progress = {task: _step(state) for task, state in saved[job.id].items()}
+    with (Foreman(port=0, heartbeat_interval=0.2, heartbeat_timeout=1.5) as fm,
+          running_worker(fm.address, "volunteer", owner, concurrency=2) as volunteer):
+        fm.wait_for_workers(1)
+        job = fm.imap(counts_to, [(40, 0.05)] * 4, chunksize=1)  # 2 running, 2 prefetched on the volunteer
+        saved = fm._server.checkpoints
+        wait_until(lambda: len(saved.get(job.id, {})) == 2 and min(map(_step, saved[job.id].values())) >= 5)
+        progress = {task: _step(state) for task, state in saved[job.id].items()}
 
-            owner.busy = True
-            wait_until(lambda: _status(fm, "volunteer")[0] == "paused")
-            assert _status(fm, "volunteer")[1].startswith("the owner's CPU use is 90% (pause above 50%")
-            assert volunteer.status == "paused" and volunteer.paused_reason == _status(fm, "volunteer")[1]
-            # After the grace, the running tasks are stopped and go back too: the volunteer holds nothing.
-            wait_until(lambda: not fm._server.scheduler.workers["volunteer"].batches)
+        owner.busy = True
+        wait_until(lambda: _status(fm, "volunteer")[0] == "paused")
+        assert _status(fm, "volunteer")[1].startswith("the owner's CPU use is 90% (pause above 50%")
+        assert volunteer.status == "paused" and volunteer.paused_reason == _status(fm, "volunteer")[1]
+        # After the grace, the running tasks are stopped and go back too: the volunteer holds nothing.
+        wait_until(lambda: not fm._server.scheduler.workers["volunteer"].batches)
 
-            helper = spawn_worker(fm.address, "--concurrency", "4", "--worker-id", "helper")
-            results = list(job)
-            assert [steps for steps, _, _ in results] == [40] * 4
-            assert {pid for _, _, pid in results} == {helper.pid}
-            for task, step in progress.items():
-                assert results[task][1] >= step  # resumed from its checkpoint, not from scratch
-            assert fm._server.scheduler.duplicates_dropped == 0 and fm._server.fleet.tasks_done == 4
+        helper = spawn_worker(fm.address, "--concurrency", "4", "--worker-id", "helper")
+        results = list(job)
+        assert [steps for steps, _, _ in results] == [40] * 4
+        assert {pid for _, _, pid in results} == {helper.pid}
+        for task, step in progress.items():
+            assert results[task][1] >= step  # resumed from its checkpoint, not from scratch
+        assert fm._server.scheduler.duplicates_dropped == 0 and fm._server.fleet.tasks_done == 4
 
-            owner.busy = False
-            wait_until(lambda: _status(fm, "volunteer") == ("idle", ""))
-            assert not fm._server.scheduler.workers["volunteer"].paused
-            kinds = [e["kind"] for e in fm._server.fleet.events if "volunteer" in e["message"]]
-            assert kinds[-2:] == ["pause", "resume"]
+        owner.busy = False
+        wait_until(lambda: _status(fm, "volunteer") == ("idle", ""))
+        assert not fm._server.scheduler.workers["volunteer"].paused
+        kinds = [e["kind"] for e in fm._server.fleet.events if "volunteer" in e["message"]]
+        assert kinds[-2:] == ["pause", "resume"]
 
 
 def test_running_tasks_finish_within_the_grace_and_a_paused_worker_gets_no_new_work() -> None:
     owner = Owner()
     prefs = dataclasses.replace(PROMPT, pause_grace=60)
-    with Foreman(port=0, heartbeat_interval=0.2, heartbeat_timeout=1.5) as fm:
-        with running_worker(fm.address, "volunteer", owner, prefs) as volunteer:
-            fm.wait_for_workers(1)
-            running = fm.submit(counts_to, (20, 0.05))
-            wait_until(lambda: fm._server.checkpoints.get(1))
-            owner.busy = True
-            wait_until(lambda: volunteer.status == "paused")
-            assert running.result(timeout=30) == (20, 0, os.getpid())  # finished here, within the grace
+    with (Foreman(port=0, heartbeat_interval=0.2, heartbeat_timeout=1.5) as fm,
+          running_worker(fm.address, "volunteer", owner, prefs) as volunteer):
+        fm.wait_for_workers(1)
+        running = fm.submit(counts_to, (20, 0.05))
+        wait_until(lambda: fm._server.checkpoints.get(1))
+        owner.busy = True
+        wait_until(lambda: volunteer.status == "paused")
+        assert running.result(timeout=30) == (20, 0, os.getpid())  # finished here, within the grace
 
-            waiting = fm.submit(square, 7)
-            wait_until(lambda: _status(fm, "volunteer")[0] == "paused" and _totals(fm)["tasks_queued"] == 1)
-            assert not fm._server.scheduler.workers["volunteer"].batches and not waiting.done()
-            owner.busy = False
-            assert waiting.result(timeout=30) == 49
+        waiting = fm.submit(square, 7)
+        wait_until(lambda: _status(fm, "volunteer")[0] == "paused" and _totals(fm)["tasks_queued"] == 1)
+        assert not fm._server.scheduler.workers["volunteer"].batches and not waiting.done()
+        owner.busy = False
+        assert waiting.result(timeout=30) == 49
 
 
 HOG = "import time\nend = time.monotonic() + 25\nwhile time.monotonic() < end:\n    pass\n"

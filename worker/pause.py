@@ -38,7 +38,12 @@ def start(worker: Worker, sampler: Sampler | None) -> list[asyncio.Task[None]]:
 async def watch(worker: Worker, policy: Policy, sampler: Sampler, interval: float) -> None:
     """Every ``interval`` seconds: read, judge, and pause, resume or update the reason. Runs until cancelled."""
     while True:
-        readings = await asyncio.to_thread(sampler.read)
+        try:
+            readings = await asyncio.to_thread(sampler.read)
+        except Exception as exc:  # a sensor that fails now and then must not end the owner's rules
+            log.warning("cannot read the machine for the pause rules: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(interval)
+            continue
         if policy.update(readings):
             if policy.reason != worker.paused_reason:
                 worker.pause(policy.reason)
