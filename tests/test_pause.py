@@ -93,6 +93,27 @@ def test_a_real_cpu_hog_pauses_a_real_worker_which_resumes_when_it_ends(spawn_wo
         assert fm.map(square, range(4)) == [0, 1, 4, 9]
 
 
+def spin(seconds: float) -> int:
+    """Keep one core busy for ``seconds``."""
+    import time
+
+    end, loops = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        loops += 1
+    return loops
+
+
+def test_the_workers_own_tasks_do_not_count_as_the_owners_cpu_use(spawn_worker) -> None:
+    """Every core busy with this worker's tasks: the owner is not using the machine, so no pause."""
+    cores = psutil.cpu_count() or 1
+    with Foreman(port=0, heartbeat_interval=0.2, heartbeat_timeout=1.5) as fm:
+        spawn_worker(fm.address, "--worker-id", "lab", "--concurrency", str(cores), "--no-dashboard",
+                     "--max-owner-cpu", "75", "--pause-after", "0.5", "--sample-interval", "0.25")
+        fm.wait_for_workers(1)
+        assert all(loops > 0 for loops in fm.map(spin, [3.0] * cores, chunksize=1))
+        assert [e for e in fm._server.fleet.events if e["kind"] == "pause"] == []
+
+
 def test_the_cpu_cap_stops_and_continues_task_processes(spawn_worker) -> None:
     with Foreman(port=0, heartbeat_interval=0.2, heartbeat_timeout=1.5) as fm:
         worker = spawn_worker(fm.address, "--concurrency", "1", "--no-dashboard", "--max-cpu", "10")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.__main__ import _prefs, build_parser
+from worker.__main__ import _prefs, build_parser, main
 from worker.config import WorkerConfig
 from worker.policy import Policy, Readings, Window
 from worker.prefs import Prefs
@@ -173,3 +173,10 @@ def test_the_cpu_cap_sets_the_duty_cycle() -> None:
     assert duty_for(50, slots=2, cpus=2) == 0.5
     assert duty_for(25, slots=1, cpus=2) == 0.5  # half of one core is a quarter of two
     assert duty_for(100, slots=4, cpus=8) == 1.0
+
+
+def test_the_command_line_refuses_bad_preferences_with_their_reason(tmp_path: Path, capsys) -> None:
+    assert main(["--no-dashboard", "--max-owner-cpu", "500"]) == 2
+    assert "max_owner_cpu is a percent between 0 and 100, got 500.0" in capsys.readouterr().err
+    assert main(["--no-dashboard", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "cannot read the preferences file" in capsys.readouterr().err
