@@ -140,6 +140,11 @@ def test_no_rules_never_pause() -> None:
     ({"active_hours": ("7-9",)}, "an active-hours window is HH:MM-HH:MM"),
     ({"max_cores": 0}, "max_cores must be >= 1"),
     ({"pause_grace": -1}, "pause_grace is a number of seconds >= 0"),
+    ({"pause_after": float("nan")}, "pause_after is a number of seconds >= 0"),
+    ({"max_owner_cpu": True}, "max_owner_cpu must be a number, got True"),
+    ({"max_cores": 2.5}, "max_cores must be a whole number, got 2.5"),
+    ({"pause_on_battery": "yes"}, "pause_on_battery must be true or false"),
+    ({"active_hours": (7,)}, "an active-hours window is HH:MM-HH:MM"),
 ])
 def test_bad_preferences_say_what_is_wrong(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -163,7 +168,7 @@ def test_a_bad_config_file_names_the_file_and_the_problem(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"prefs.toml: unknown setting\(s\) max_cpus; known: active_hours"):
         Prefs.load(path)
     path.write_text("max_owner_cpu = 'lots'\n")
-    with pytest.raises(ValueError, match="prefs.toml: "):
+    with pytest.raises(ValueError, match="prefs.toml: max_owner_cpu must be a number, got 'lots'"):
         Prefs.load(path)
     with pytest.raises(ValueError, match="cannot read the preferences file"):
         Prefs.load(tmp_path / "missing.toml")

@@ -18,20 +18,26 @@ log = logging.getLogger("crowdcompute.worker")
 
 
 def start(worker: Worker, sampler: Sampler | None) -> list[asyncio.Task[None]]:
-    """Start what the worker's preferences ask for; ``sampler`` replaces the machine's readings (tests)."""
+    """Start what the worker's preferences ask for; ``sampler`` replaces the machine's readings (tests).
+
+    RuntimeError if this machine cannot honour them (no psutil for the pause rules, no POSIX signals for max_cpu).
+    """
     prefs, executor = worker.config.prefs, worker.executor
     assert executor is not None
-    tasks = []
-    if prefs.rules():
-        if sampler is None:
-            from worker.readings import MachineSampler
-            sampler = MachineSampler()
-        tasks.append(asyncio.create_task(watch(worker, prefs.policy(), sampler, prefs.sample_interval)))
+    throttle = None
     if prefs.max_cpu is not None:
         duty = duty_for(prefs.max_cpu, worker.config.max_concurrent_tasks, cpu_count())
         if duty < 1:
+            throttle = Throttle(executor.task_pids, duty)
             log.info("max_cpu %g%%: task processes run %.0f%% of the time", prefs.max_cpu, duty * 100)
-            tasks.append(asyncio.create_task(Throttle(executor.task_pids, duty).run()))
+    if prefs.rules() and sampler is None:
+        from worker.readings import MachineSampler
+        sampler = MachineSampler()
+    tasks: list[asyncio.Task[None]] = []  # created last: nothing is left running if the above raised
+    if prefs.rules() and sampler is not None:
+        tasks.append(asyncio.create_task(watch(worker, prefs.policy(), sampler, prefs.sample_interval)))
+    if throttle is not None:
+        tasks.append(asyncio.create_task(throttle.run()))
     return tasks
 
 

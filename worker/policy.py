@@ -130,7 +130,7 @@ class Window:
     @classmethod
     def parse(cls, text: str) -> Window:
         try:
-            start, end = (datetime.time.fromisoformat(part.strip()) for part in text.split("-"))
+            start, end = (datetime.time.fromisoformat(part.strip()) for part in str(text).split("-"))
         except ValueError:
             raise ValueError(f"an active-hours window is HH:MM-HH:MM, e.g. 22:00-07:00, not {text!r}") from None
         return cls(start, end)

@@ -35,6 +35,18 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
+_NUMBER = (int, float)
+#: The type each setting must have (checked, since a TOML file may hold anything).
+_KINDS: dict[str, type | tuple[type, ...]] = {
+    "pause_on_battery": bool, "active_hours": tuple, "max_cores": int,
+    **{name: _NUMBER for name in ("max_owner_cpu", "resume_owner_cpu", "min_user_idle", "resume_user_idle",
+                                  "min_battery", "max_cpu_temp", "max_cpu", "pause_grace", "pause_after",
+                                  "resume_after", "sample_interval")},
+}
+_DESCRIBE: dict[type | tuple[type, ...], str] = {
+    bool: "true or false", tuple: "a list of HH:MM-HH:MM windows", int: "a whole number", _NUMBER: "a number"}
+
+
 @dataclass(frozen=True)
 class Prefs:
     """The owner's preferences; every rule is off until set.
@@ -74,24 +86,29 @@ class Prefs:
     sample_interval: float = 2.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.active_hours, str):
+            object.__setattr__(self, "active_hours", (self.active_hours,))
+        elif isinstance(self.active_hours, list):  # from TOML
+            object.__setattr__(self, "active_hours", tuple(self.active_hours))
+        for f in dataclasses.fields(self):  # a TOML file may hold anything: check the types first
+            value, kind = getattr(self, f.name), _KINDS[f.name]
+            if value is not None and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+                raise ValueError(f"{f.name} must be {_DESCRIBE[kind]}, got {value!r}")
         for name in ("max_owner_cpu", "resume_owner_cpu", "min_battery", "max_cpu"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 100:
                 raise ValueError(f"{name} is a percent between 0 and 100, got {value}")
         for name in ("min_user_idle", "resume_user_idle", "pause_grace", "pause_after", "resume_after"):
             value = getattr(self, name)
-            if value is not None and value < 0:
+            if value is not None and not value >= 0:  # NaN too
                 raise ValueError(f"{name} is a number of seconds >= 0, got {value}")
-        if self.sample_interval <= 0:
+        if not self.sample_interval > 0:
             raise ValueError(f"sample_interval must be > 0 seconds, got {self.sample_interval}")
         if self.max_owner_cpu is not None and (self.resume_owner_cpu or 0) > self.max_owner_cpu:
             raise ValueError(f"resume_owner_cpu ({self.resume_owner_cpu}) must not be above max_owner_cpu "
                              f"({self.max_owner_cpu}), or the worker would flap")
         if self.max_cores is not None and self.max_cores < 1:
             raise ValueError(f"max_cores must be >= 1, got {self.max_cores}")
-        if isinstance(self.active_hours, str):
-            object.__setattr__(self, "active_hours", (self.active_hours,))
-        object.__setattr__(self, "active_hours", tuple(self.active_hours))
         self.windows()  # a malformed window is an error now, not at the first reading
 
     @classmethod
@@ -108,10 +125,11 @@ class Prefs:
             raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         try:
             return cls(**{**data, **overrides})
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
 
     def windows(self) -> tuple[Window, ...]:
+        """The ``active_hours`` windows, parsed."""
         return tuple(Window.parse(text) for text in self.active_hours)
 
     def rules(self) -> list[Rule]:

@@ -16,7 +16,7 @@ import datetime
 import os
 import shutil
 import subprocess
-from typing import Any
+import time
 
 from worker.policy import Readings
 from worker.sysinfo import psutil
@@ -32,9 +32,10 @@ class MachineSampler:
         if psutil is None:
             raise RuntimeError("the owner's pause rules read the machine with psutil: pip install psutil")
         self._me = psutil.Process()
-        self._ours: dict[int, Any] = {}  # pid -> psutil.Process, kept so cpu_percent measures between reads
         self._cpus = psutil.cpu_count() or 1
         self._xprintidle = shutil.which("xprintidle") if os.environ.get("DISPLAY") else None
+        self._seen: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU seconds at the last read
+        self._last = time.time()
         psutil.cpu_percent()  # the first call only starts the measurement
         self._our_cpu()
 
@@ -50,22 +51,30 @@ class MachineSampler:
             cpu_temp=_cpu_temperature())
 
     def _our_cpu(self) -> float:
-        """Percent of the whole machine used by this process and its descendants since the last call."""
+        """Percent of the whole machine used by this process and its descendants since the last call.
+
+        From CPU times, so a task process started since the last read counts from its start (``cpu_percent``
+        would count it as idle until its second read). The first call only sets the baseline.
+        """
+        now = time.time()
         try:
             tree = [self._me, *self._me.children(recursive=True)]
         except psutil.Error:
             tree = [self._me]
-        known = {}
-        total = 0.0
+        used, seen = 0.0, {}
         for process in tree:
-            process = self._ours.get(process.pid, process)
             try:
-                total += process.cpu_percent()  # 0.0 the first time a process is seen
+                with process.oneshot():
+                    key = (process.pid, process.create_time())
+                    times = process.cpu_times()
             except psutil.Error:
                 continue
-            known[process.pid] = process
-        self._ours = known
-        return total / self._cpus
+            seconds = times.user + times.system
+            seen[key] = seconds
+            before = self._seen.get(key, 0.0)  # not there at the last read: all its time is new
+            used += max(0.0, seconds - before)
+        elapsed, self._last, self._seen = max(now - self._last, 1e-6), now, seen
+        return min(100.0, 100 * used / (elapsed * self._cpus))
 
     def _idle_seconds(self) -> float | None:
         if self._xprintidle is None:

@@ -120,10 +120,11 @@ class Worker:
         self._wake = asyncio.Event()
         self.executor = Executor(self.config.max_concurrent_tasks, self._on_outcome, loop,
                                  self.config.start_method, self.config.limits, self._on_checkpoint)
+        watchers = pause.start(self, self._sampler)  # first: a preference this machine cannot honour raises
         self.executor.start()
         self._install_signal_handlers(loop)
-        watchers = [asyncio.create_task(self._watch_parent())] if self.config.parent_pid else []
-        watchers += pause.start(self, self._sampler)
+        if self.config.parent_pid:
+            watchers.append(asyncio.create_task(self._watch_parent()))
         if self.config.dashboard:
             self.dashboard = await self._open_dashboard()
         try:
