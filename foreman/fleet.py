@@ -16,6 +16,8 @@ from typing import Any
 HISTORY = 200
 #: Failures kept per job (all are counted).
 MAX_FAILURES = 100
+#: Characters of a pause reason kept (workers write it; a long one is cut).
+MAX_REASON = 200
 #: Upper bounds (seconds) of the task-duration histogram buckets.
 DURATION_BUCKETS = (0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, float("inf"))
 
@@ -28,6 +30,7 @@ class WorkerRecord:
     connected_at: float
     last_heard: float
     status: str = "idle"
+    pause_reason: str = ""  # why its owner's rules paused it, while status is paused
     left_at: float | None = None
     left_reason: str = ""
     tasks_done: int = 0
@@ -44,7 +47,7 @@ class WorkerRecord:
     def to_json(self, now: float, running: int) -> dict[str, Any]:
         hello = self.hello
         return {
-            "id": self.id, "status": self.status, "connected": self.left_at is None, "address": self.address,
+            "id": self.id, "status": self.status, "pause_reason": self.pause_reason, "connected": self.left_at is None, "address": self.address,
             "host": hello.get("hostname"), "platform": hello.get("platform"), "machine": hello.get("machine"),
             "python": hello.get("python"), "version": hello.get("version"), "cpu_count": hello.get("cpu_count"),
             "memory": hello.get("memory"), "gpus": hello.get("gpus", []), "concurrency": hello.get("concurrency"),
@@ -114,12 +117,25 @@ class Fleet:
         self.workers[worker_id] = WorkerRecord(worker_id, hello, address, now, now)
         self.event(now, "join", f"worker {worker_id} joined from {address} ({hello.get('concurrency')} slots)")
 
-    def worker_heard(self, now: float, worker_id: str, status: str | None = None) -> None:
+    def worker_heard(self, now: float, worker_id: str, status: str | None = None, reason: str | None = None) -> None:
         record = self.workers.get(worker_id)
         if record is not None:
             record.last_heard = now
             if status:
                 record.status = status
+                record.pause_reason = str(reason or "")[:MAX_REASON] if status == "paused" else ""
+
+    def worker_paused(self, now: float, worker_id: str, paused: bool, reason: str) -> None:
+        """The worker's owner paused it (``reason`` says why), or let it resume. Logged when the state changes."""
+        record = self.workers.get(worker_id)
+        if record is None:
+            return
+        was = record.status == "paused"
+        record.status = "paused" if paused else "idle"
+        record.pause_reason = reason[:MAX_REASON] if paused else ""
+        if paused != was:
+            self.event(now, "pause" if paused else "resume",
+                       f"worker {worker_id} paused: {record.pause_reason}" if paused else f"worker {worker_id} resumed")
 
     def worker_left(self, now: float, worker_id: str, lost: bool, reason: str) -> None:
         record = self.workers.pop(worker_id, None)

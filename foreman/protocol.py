@@ -51,6 +51,7 @@ class Kind(enum.IntEnum):
     RESTART = 9  # F: restart the worker (relayed control)
     DRAIN = 10  # F: finish or hand back work, then leave. W: I am draining, send no more
     CHECKPOINT = 11  # W: a task saved its progress. F: resume this task from it (sent before its TASKS)
+    PAUSE = 12  # W: the owner's rules paused me (send no more; "reason" says why), or let me resume
     # Clients (C) of a standalone foreman: scripts that submit jobs (see foreman/clients.py, foreman/remote.py).
     CONNECT = 20  # C: handshake, the first message of a client connection (answered by WELCOME)
     SUBMIT = 21  # C: a new job (payload: its function); answered by ACCEPTED
@@ -90,6 +91,7 @@ SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
     Kind.RESTART: {"hard": bool},
     Kind.DRAIN: {},
     Kind.CHECKPOINT: {"job": int, "task": int},
+    Kind.PAUSE: {"paused": bool},
     Kind.CONNECT: {"protocol": int, "client": str, "token": (str, type(None)), "python": str, "cloudpickle": str},
     Kind.SUBMIT: {"ref": int, "name": str, "digest": str, "call": str, "detached": bool, "options": dict},
     Kind.ACCEPTED: {"ref": int},
@@ -113,7 +115,7 @@ PAYLOAD_KINDS = frozenset({Kind.JOB, Kind.TASKS, Kind.RESULTS, Kind.CHECKPOINT, 
 #: Values of the RESULTS ``status`` field.
 STATUS_OK = "ok"  # the batch ran; per-task exceptions travel inside the payload
 STATUS_CRASHED = "crashed"  # the process running the batch died (header "error" says how)
-STATUS_RETURNED = "returned"  # handed back unstarted (draining, restarting); not the batch's fault
+STATUS_RETURNED = "returned"  # handed back (draining, restarting, paused); not the batch's fault
 STATUS_CANCELLED = "cancelled"  # stopped on the foreman's request
 RESULT_STATUSES = frozenset({STATUS_OK, STATUS_CRASHED, STATUS_RETURNED, STATUS_CANCELLED})
 #: An OUTPUT's tasks failed for good (lost as poison, cancelled...): header ``error_type`` and ``error`` say why.

@@ -146,11 +146,12 @@ class Worker:
     jobs: set[int] = field(default_factory=set)  # jobs whose function it has been sent
     exclusive: bool = False  # running a suspect batch: gets nothing else
     draining: bool = False
+    paused: bool = False  # its owner's rules paused it: it gets nothing new until it resumes
     tasks_done: int = 0
 
     @property
     def free(self) -> bool:
-        return not self.draining and not self.exclusive and len(self.batches) < self.capacity
+        return not self.draining and not self.paused and not self.exclusive and len(self.batches) < self.capacity
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,16 @@ class Scheduler:
         worker = self.workers[worker_id]
         worker.draining = True
         self._free.pop(worker_id, None)
+
+    def pause_worker(self, worker_id: str, paused: bool) -> None:
+        """The worker's owner paused it (it takes no new batches; those it holds finish or come back by
+        :meth:`hand_back`), or let it resume."""
+        worker = self.workers[worker_id]
+        worker.paused = paused
+        if worker.free:
+            self._free[worker_id] = None
+        else:
+            self._free.pop(worker_id, None)
 
     def remove_worker(self, worker_id: str, lost: bool) -> list[Failure]:
         """Forget a worker and requeue what it held: with a strike if ``lost``, without if it left cleanly."""
@@ -498,7 +509,8 @@ class Scheduler:
         return None
 
     def _idle_worker_for(self, job: Job) -> bool:
-        return any(not w.batches and not w.draining and can_run(w, job) for w in self.workers.values())
+        return any(not w.batches and not w.draining and not w.paused and can_run(w, job)
+                   for w in self.workers.values())
 
     def can_be_served(self, job: Job) -> bool:
         """Whether any connected worker could run this job (else it waits for one to join)."""

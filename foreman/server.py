@@ -463,8 +463,12 @@ class ForemanServer:
         if kind is Kind.RESULTS:
             self._on_results(peer, header, msg.payload)
         elif kind is Kind.HEARTBEAT:
-            self.fleet.worker_heard(time.time(), peer.worker_id, header.get("status"))
+            self.fleet.worker_heard(time.time(), peer.worker_id, header.get("status"), header.get("reason"))
             peer.send(protocol.encode(Kind.HEARTBEAT))
+        elif kind is Kind.PAUSE:
+            self.scheduler.pause_worker(peer.worker_id, header["paused"])
+            self.fleet.worker_paused(time.time(), peer.worker_id, header["paused"], str(header.get("reason", "")))
+            self._pump()
         elif kind is Kind.CHECKPOINT:
             self._on_checkpoint(peer, header["job"], header["task"], msg.payload)
         elif kind is Kind.DRAIN:

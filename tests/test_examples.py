@@ -63,3 +63,11 @@ def test_foreman_service_example() -> None:
     job_id = re.search(r"submitted detached job (\d+)", done.stdout).group(1)
     assert f"job {job_id}: done, 10,000 results, longest chain 261 steps" in done.stdout
     assert "asyncio: longest Collatz chain below 2,001 takes 181 steps; 27 takes 111" in done.stdout
+
+
+def test_volunteer_prefs_example_pauses_while_the_owner_types_and_resumes_from_the_checkpoint() -> None:
+    done = run_example("volunteer_prefs.py")
+    assert "worker paused: the keyboard or mouse was used 1s ago (resume after 120s idle)" in done.stdout
+    assert re.search(r"worker resumed: (idle|busy)", done.stdout)
+    first = int(re.search(r"the task counted to 200, resuming from step (\d+) rather than from 0", done.stdout)[1])
+    assert 0 < first < 200

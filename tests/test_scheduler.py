@@ -380,6 +380,29 @@ def test_hand_back_requeues_at_front_without_strike(clock: FakeClock) -> None:
     assert [(a.worker_id, a.batch) for a in s.dispatch()] == [("b", b0)]
 
 
+def test_a_paused_worker_gets_nothing_new_until_it_resumes(clock: FakeClock) -> None:
+    """Its owner paused a worker: what it hands back goes elsewhere, it is no idle target for suspects, and it
+    takes work again on resuming."""
+    s = Scheduler(clock, prefetch=1)
+    s.add_worker("a", 1, ENV)
+    job = s.add_job(ENV)
+    b0, b1, b2 = add_many(s, job.id, 3)
+    assert [a.batch for a in s.dispatch()] == [b0, b1]
+    s.pause_worker("a", True)
+    s.hand_back("a", *b1.key)  # the queued one comes back at once
+    assert s.dispatch() == []  # the running one may still finish; nothing new meanwhile
+    assert done(s, "a", b0) is not None
+    assert s.dispatch() == [] and list(job.queue) == [b1, b2]
+    s.add_worker("b", 1, ENV)
+    assert [(a.worker_id, a.batch) for a in s.dispatch()] == [("b", b1), ("b", b2)]
+    s.pause_worker("a", False)
+    b3 = add(s, job.id, 3)
+    assert [(a.worker_id, a.batch) for a in s.dispatch()] == [("a", b3)]
+    s.pause_worker("a", True)
+    s.pause_worker("a", True)  # a fresh reason for the same pause changes nothing
+    assert not s.workers["a"].free
+
+
 def test_crashed_counts_as_strike(s: Scheduler) -> None:
     """A crashed batch gets a strike like a lost worker, and fails as poison after enough of them."""
     s.add_worker("w", 1, ENV)

@@ -16,6 +16,7 @@ from typing import Any
 from foreman.tls import parse_fingerprint
 from worker.config import WorkerConfig, default_worker_id
 from worker.limits import parse_size
+from worker.prefs import Prefs
 from worker.sysinfo import cpu_count
 from worker.worker import FatalConnectionError, Worker
 
@@ -41,6 +42,43 @@ def _seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise ValueError(f"must be a number of seconds > 0, got {text!r}")
     return value
+
+
+#: The owner's preferences as flags: (name in Prefs, type, metavar, help). Each overrides the --config file.
+PREFS_FLAGS: list[tuple[str, Callable[[str], Any], str, str]] = [
+    ("max_owner_cpu", float, "PCT", "pause while your own programs use more than PCT %% of the machine"),
+    ("resume_owner_cpu", float, "PCT", "resume once they use less than PCT %% (default: half of --max-owner-cpu)"),
+    ("min_user_idle", float, "S", "pause when the keyboard or mouse was used in the last S seconds (X11 with "
+                                  "xprintidle; elsewhere the rule is skipped)"),
+    ("resume_user_idle", float, "S", "resume once they were left alone S seconds (default: 2 x --min-user-idle)"),
+    ("min_battery", float, "PCT", "pause while on battery below PCT %%"),
+    ("max_cpu_temp", float, "C", "pause while the CPU is hotter than C degrees Celsius (where sensors exist)"),
+    ("active_hours", lambda text: tuple(w.strip() for w in text.split(",") if w.strip()), "HH:MM-HH:MM,...",
+     "run only inside these daily windows, e.g. 19:00-08:00"),
+    ("max_cores", int, "N", "run at most N tasks at once"),
+    ("max_cpu", float, "PCT", "task processes together use at most PCT %% of the machine (POSIX)"),
+    ("pause_grace", float, "S", "on a pause, running tasks get S seconds to finish before going back (default 30)"),
+    ("pause_after", float, "S", "a rule must object S seconds before the worker pauses (default 10)"),
+    ("resume_after", float, "S", "no rule may object for S seconds before the worker resumes (default 60)"),
+    ("sample_interval", float, "S", "seconds between readings of the machine (default 2)"),
+]
+
+
+def _add_prefs_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("the owner's preferences", "when the worker steps aside for you, and how "
+                                      "much of the machine it may use (docs/worker-api.md)")
+    group.add_argument("--config", metavar="FILE", help="a TOML file of these preferences (same names, with _)")
+    group.add_argument("--pause-on-battery", action="store_const", const=True, default=None,
+                       help="pause while the machine runs on battery")
+    for name, convert, metavar, text in PREFS_FLAGS:
+        group.add_argument(f"--{name.replace('_', '-')}", type=_checked(convert), metavar=metavar, help=text)
+
+
+def _prefs(args: argparse.Namespace) -> Prefs:
+    """The preferences of the --config file, overridden by the flags given; ValueError saying what is wrong."""
+    names = ["pause_on_battery", *(name for name, *_ in PREFS_FLAGS)]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return Prefs.load(args.config, **given) if args.config else Prefs(**given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "restart this worker")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING or ERROR")
+    _add_prefs_flags(parser)
     return parser
 
 
@@ -111,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             parent_pid=args.parent_pid, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
             dashboard_port=args.dashboard_port, dashboard_token=args.dashboard_token,
             dashboard_insecure=args.insecure, cafile=args.cafile, fingerprint=args.fingerprint,
-            max_task_seconds=args.max_task_seconds, max_memory=args.max_memory)
+            max_task_seconds=args.max_task_seconds, max_memory=args.max_memory, prefs=_prefs(args))
     except ValueError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2
     try:
         asyncio.run(Worker(config).run())
-    except FatalConnectionError as exc:
+    except (FatalConnectionError, RuntimeError) as exc:  # RuntimeError: a preference this machine cannot honour
         print(f"worker: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from foreman.addresses import is_loopback
 from foreman.tls import parse_fingerprint
 from worker import sysinfo
 from worker.limits import Limits
+from worker.prefs import Prefs
 
 
 def default_worker_id() -> str:
@@ -49,6 +50,8 @@ class WorkerConfig:
         (``sha256:HEX``); without ``cafile`` no CA is consulted.
     :param max_task_seconds: a task running longer fails with TaskTimeoutError (the volunteer's cap).
     :param max_memory: bytes of address space a task process may use; beyond it a task gets MemoryError.
+    :param prefs: the owner's preferences: when to pause, and caps on cores and CPU (:class:`worker.prefs.Prefs`).
+        Its ``max_cores`` lowers ``max_concurrent_tasks``.
     """
 
     foreman_url: str = "ws://127.0.0.1:9000"
@@ -72,10 +75,13 @@ class WorkerConfig:
     fingerprint: str | None = None
     max_task_seconds: float | None = None
     max_memory: int | None = None
+    prefs: Prefs = field(default_factory=Prefs)
 
     def __post_init__(self) -> None:
         if self.max_concurrent_tasks < 1:
             raise ValueError("max_concurrent_tasks must be >= 1")
+        if self.prefs.max_cores is not None:
+            self.max_concurrent_tasks = min(self.max_concurrent_tasks, self.prefs.max_cores)
         if not self.foreman_url.startswith(("ws://", "wss://")):
             raise ValueError(f"foreman_url must start with ws:// or wss://, got {self.foreman_url!r}")
         if (self.cafile or self.fingerprint) and not self.foreman_url.startswith("wss://"):

@@ -127,6 +127,12 @@ class Executor:
     def busy(self) -> int:
         return len(self.running)
 
+    def task_pids(self) -> list[int]:
+        """Process ids of the task processes running a batch now."""
+        with self._lock:
+            processes = [slot.process for _, slot in self.running.values()]
+        return [process.pid for process in processes if process is not None and process.pid is not None]
+
     def running_items(self) -> list[WorkItem]:
         """The batches running now, oldest first."""
         with self._lock:

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 #: Values of the status gauge, one series each (1 for the current status).
-STATUSES = ("connecting", "idle", "busy", "draining", "disconnected")
+STATUSES = ("connecting", "idle", "busy", "paused", "draining", "disconnected")
 
 
 class WorkerCollector(Collector):

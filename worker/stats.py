@@ -7,6 +7,7 @@ cached figures and never wait on them. Without psutil the machine figures are nu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -180,6 +181,7 @@ def status(worker: Worker) -> dict[str, Any]:
         "connected": worker.connected,
         "connected_since": worker.connected_at if worker.connected else None,
         "last_error": worker.last_error,
+        "pause_reason": worker.paused_reason,
         "current_tasks": [{"job": item.job_id, "start": item.start, "count": item.count,
                            "started": round(now - (clock - item.started), 3),
                            "running_for": round(clock - item.started, 3)} for item in running],
@@ -190,6 +192,7 @@ def status(worker: Worker) -> dict[str, Any]:
             "heartbeat_interval": config.heartbeat_interval,
             "drain_timeout": config.drain_timeout,
             "auto_restart": config.auto_restart,
+            "prefs": dataclasses.asdict(config.prefs),
             "foreman_token": config.token is not None,
             "dashboard": {"host": config.dashboard_host,
                           "port": dashboard.port if dashboard is not None else config.dashboard_port,

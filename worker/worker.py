@@ -25,10 +25,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from foreman import protocol, tls
 from foreman.errors import AuthenticationError, ProtocolError, VersionMismatchError
 from foreman.protocol import CloseCode, Kind
-from worker import sysinfo
+from worker import pause, sysinfo
 from worker.config import WorkerConfig
 from worker.executor import Executor, Outcome, WorkItem
 from worker.history import BatchHistory
+from worker.policy import Sampler
 
 if TYPE_CHECKING:
     from worker.dashboard import Dashboard
@@ -61,10 +62,16 @@ def backoff_delay(attempt: int, cap: float, base: float = 0.2) -> float:
 
 
 class Worker:
-    """One volunteer worker. ``await worker.run()`` until stopped; ``worker.stop()`` asks it to leave."""
+    """One volunteer worker. ``await worker.run()`` until stopped; ``worker.stop()`` asks it to leave.
 
-    def __init__(self, config: WorkerConfig) -> None:
+    ``sampler`` replaces the readings of the machine that the owner's pause rules judge (see :mod:`worker.policy`).
+    """
+
+    def __init__(self, config: WorkerConfig, sampler: Sampler | None = None) -> None:
         self.config = config
+        self.paused_reason: str | None = None  # why the owner's rules paused the worker; None while it works
+        self._sampler = sampler
+        self._grace: asyncio.Task[None] | None = None  # lets running tasks finish after a pause, then hands back
         self.stats = WorkerStats()
         self.connected = False
         self.connected_at: float | None = None  # wall-clock time of the current connection's WELCOME
@@ -97,11 +104,13 @@ class Worker:
 
     @property
     def status(self) -> str:
-        """connecting / idle / busy / draining / disconnected."""
+        """connecting / idle / busy / paused / draining / disconnected."""
         if self.draining:
             return "draining"
         if not self.connected:
             return "disconnected" if self._stop is not None and self._stop.is_set() else "connecting"
+        if self.paused_reason is not None:
+            return "paused"
         return "busy" if self.executor and self.executor.busy else "idle"
 
     async def run(self) -> None:
@@ -111,9 +120,11 @@ class Worker:
         self._wake = asyncio.Event()
         self.executor = Executor(self.config.max_concurrent_tasks, self._on_outcome, loop,
                                  self.config.start_method, self.config.limits, self._on_checkpoint)
+        watchers = pause.start(self, self._sampler)  # first: a preference this machine cannot honour raises
         self.executor.start()
         self._install_signal_handlers(loop)
-        watchers = [asyncio.create_task(self._watch_parent())] if self.config.parent_pid else []
+        if self.config.parent_pid:
+            watchers.append(asyncio.create_task(self._watch_parent()))
         if self.config.dashboard:
             self.dashboard = await self._open_dashboard()
         try:
@@ -156,6 +167,41 @@ class Worker:
         self.executor.stop_items(protocol.STATUS_RETURNED)
         await asyncio.sleep(0.05)  # let the writer flush what is queued
         self.stop()
+
+    def pause(self, reason: str) -> None:
+        """Step aside for the owner: tell the foreman, hand back queued batches, give running ones
+        ``pause_grace`` seconds to finish, then stop them too (they resume from their checkpoints elsewhere).
+        Called again while paused, it only updates the reason."""
+        assert self.executor is not None
+        first = self.paused_reason is None
+        self.paused_reason = reason
+        self._send(protocol.encode(Kind.PAUSE, {"paused": True, "reason": reason}))  # before the hand-backs
+        if not first:
+            return
+        log.info("pausing: %s", reason)
+        for item in self.executor.stop_items(protocol.STATUS_RETURNED, kill_running=False):
+            self._send_outcome(Outcome(item, protocol.STATUS_RETURNED))
+        self._grace = asyncio.ensure_future(self._hand_back_running(self.config.prefs.pause_grace))
+
+    def resume(self) -> None:
+        """Take work again after :meth:`pause`."""
+        if self.paused_reason is None:
+            return
+        log.info("resuming: the owner's rules no longer object")
+        self.paused_reason = None
+        if self._grace is not None:
+            self._grace.cancel()
+        self._send(protocol.encode(Kind.PAUSE, {"paused": False, "reason": ""}))
+
+    async def _hand_back_running(self, grace: float) -> None:
+        assert self.executor is not None
+        deadline = time.monotonic() + grace
+        while self.executor.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.executor.busy:
+            log.info("pause: stopping %d running batch(es) after the %.0fs grace; they go back to the foreman",
+                     self.executor.busy, grace)
+            self.executor.stop_items(protocol.STATUS_RETURNED)
 
     async def restart(self, hard: bool = False) -> None:
         """Drop the connection, kill running tasks (they go back to the foreman) and reconnect at once.
@@ -270,6 +316,8 @@ class Worker:
                  welcome.header["session"])
         self._confirms = bool(welcome.header.get("confirms_results"))
         self._outbound = asyncio.Queue()
+        if self.paused_reason is not None:
+            self._send(protocol.encode(Kind.PAUSE, {"paused": True, "reason": self.paused_reason}))
         queued = {id(data) for data in self._outbox}
         for data in [*self._outbox, *(d for d in self._unconfirmed.values() if id(d) not in queued)]:
             self._outbound.put_nowait(data)
@@ -367,7 +415,7 @@ class Worker:
         executor = self.executor
         return {"status": self.status, "running": executor.busy if executor else 0,
                 "queued": len(executor.pending) if executor else 0,
-                "tasks_completed": self.stats.tasks_completed}
+                "tasks_completed": self.stats.tasks_completed, "reason": self.paused_reason or ""}
 
     def _send(self, data: bytes) -> None:
         if self._outbound is not None:
@@ -388,9 +436,13 @@ class Worker:
             start, count = header["start"], header["count"]
             resume = {i: self._resume.pop((header["job"], i)) for i in range(start, start + count)
                       if (header["job"], i) in self._resume} if self._resume else None
-            self.executor.submit(WorkItem(header["job"], start, count, digest, function, call,
-                                          bytes(msg.payload), self._session, task_timeout=task_timeout,
-                                          foreman=self._foreman_session or "", resume=resume))
+            item = WorkItem(header["job"], start, count, digest, function, call, bytes(msg.payload),
+                            self._session, task_timeout=task_timeout, foreman=self._foreman_session or "",
+                            resume=resume)
+            if self.paused_reason is not None:  # sent before the foreman heard we paused
+                self._send_outcome(Outcome(item, protocol.STATUS_RETURNED))
+            else:
+                self.executor.submit(item)
         elif kind is Kind.CHECKPOINT:
             if len(msg.payload) > protocol.MAX_CHECKPOINT_SIZE:
                 raise ProtocolError(f"a checkpoint of {len(msg.payload)} bytes is over the limit")

@@ -43,7 +43,8 @@ function renderWorkers(workers) {
                               : `left ${new Date(w.left_at * 1000).toLocaleTimeString()}`;
     return `<tr class="${w.connected ? "" : "gone"}" data-worker="${escapeHtml(w.id)}"
         title="${escapeHtml(w.left_reason || w.platform || "")}">
-      <td class="mono">${name}</td><td>${pill(w.status)}</td><td>${escapeHtml(w.host)}</td>
+      <td class="mono">${name}</td><td>${pill(w.status)}${w.pause_reason
+        ? `<div class="muted pause-reason">${escapeHtml(w.pause_reason)}</div>` : ""}</td><td>${escapeHtml(w.host)}</td>
       <td>${escapeHtml(w.machine)}</td><td class="num">${w.cpu_count ?? "–"}</td>
       <td class="num">${formatBytes(w.memory)}</td><td>${gpus}</td>
       <td>${escapeHtml((w.capabilities || []).join(", ") || "–")}</td>

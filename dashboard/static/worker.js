@@ -27,6 +27,7 @@ function notice(text) {
 function renderStatus(st) {
   $("status").textContent = st.status;
   $("status").className = `pill pill-${st.status}`;
+  $("pause-reason").textContent = st.pause_reason ? `paused: ${st.pause_reason}` : "";
   $("connection").textContent = st.connected ? `connected since ${clock(st.connected_since)}`
     : st.last_error ? `not connected: ${st.last_error}` : "connecting…";
   $("connection").className = st.connected ? "" : "error";
