@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from foreman.errors import ProtocolError
 
 #: Bumped on any incompatible change to framing, kinds or required header fields.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: PAUSE, RECEIVED, the client kinds (20-32), HELLO holding
 
 #: Largest message either side accepts. Protects memory: a peer can make us buffer at most this much per
 #: connection before the message is refused. Argument and result batches are cut to fit under it.

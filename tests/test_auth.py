@@ -63,7 +63,7 @@ def test_the_foreman_keeps_serving_after_refusals(secured: Foreman) -> None:
 def test_protocol_version_mismatch_is_refused_with_a_reason(secured: Foreman) -> None:
     code, reason = asyncio.run(_closed_with(secured.address, _hello(protocol=99)))
     assert code == CloseCode.VERSION_MISMATCH
-    assert "protocol 1" in reason and "99" in reason
+    assert f"protocol {protocol.PROTOCOL_VERSION}" in reason and "99" in reason
 
 
 @pytest.mark.parametrize("first, expected", [
