@@ -90,6 +90,7 @@ class RemoteBackend:
         self._refs = 0
         self._queries: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ws: ClientConnection | None = None
+        self._outbound: asyncio.Queue[bytes] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
@@ -176,6 +177,7 @@ class RemoteBackend:
         self.heartbeat_interval = min(self.heartbeat_interval, float(header["heartbeat_interval"]))
         self._capacity(header)
         self._ws = ws
+        self._outbound = outbound = asyncio.Queue()
         self._last_heard = time.monotonic()
         for job in set(self.jobs.values()):  # pick up where the last connection left off
             job.sent = job.fed
@@ -186,14 +188,16 @@ class RemoteBackend:
                 self._send(Kind.ATTACH, {"job": job.job_id, "after": job.max_seq})
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
-        heartbeats = asyncio.create_task(self._heartbeats(ws))
+        helpers = [asyncio.create_task(self._heartbeats(ws)), asyncio.create_task(self._write(ws, outbound))]
         try:
             async for data in ws:
                 self._last_heard = time.monotonic()
                 self._on_message(protocol.decode(data, self.max_message_size))
         finally:
-            heartbeats.cancel()
+            for helper in helpers:
+                helper.cancel()
             self._ws = None
+            self._outbound = None
             for future in self._queries.values():
                 if not future.done():
                     future.set_exception(ConnectionError("the connection to the foreman was lost"))
@@ -209,14 +213,18 @@ class RemoteBackend:
             self._send(Kind.HEARTBEAT, {})
 
     def _send(self, kind: Kind, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
-        if self._ws is not None:
-            asyncio.ensure_future(self._send_now(self._ws, protocol.encode(kind, header, payload)))
+        """Queue a message for this connection, in order; dropped if there is none (a reconnect sends again
+        what matters)."""
+        if self._outbound is not None:
+            self._outbound.put_nowait(protocol.encode(kind, header, payload))
 
-    async def _send_now(self, ws: ClientConnection, data: bytes) -> None:
-        try:
-            await ws.send(data)
-        except ConnectionClosed:
-            pass  # the reconnect sends again what matters
+    async def _write(self, ws: ClientConnection, outbound: asyncio.Queue[bytes]) -> None:
+        while True:
+            data = await outbound.get()
+            try:
+                await ws.send(data)
+            except ConnectionClosed:
+                return
 
     # -- the backend calls (see foreman.jobs) ----------------------------------------------------------------
 
@@ -270,7 +278,7 @@ class RemoteBackend:
 
     async def query(self, what: str, **fields: Any) -> dict[str, Any]:
         """Ask the foreman about jobs (``jobs``, ``job``) or the fleet; raises what it answers as an error."""
-        if self._ws is None:
+        if self._outbound is None:
             raise ConnectionError(f"not connected to the foreman at {self.address}")
         self._refs += 1
         future = self._queries[self._refs] = asyncio.get_running_loop().create_future()
@@ -282,7 +290,7 @@ class RemoteBackend:
 
     def _flush(self, job: _RemoteJob) -> None:
         """Send what this job has that the foreman has not, once it has an id and a connection."""
-        if job.job_id is None or self._ws is None:
+        if job.job_id is None or self._outbound is None:
             return
         if job.cancel:
             self._send(Kind.ABORT, {"job": job.job_id})
