@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS workers (
 #: the protocol) are kept until the retention has passed.
 RUNNING = "running"
 
+#: Pages (4 KiB) of write-ahead log between checkpoints.
+WAL_CHECKPOINT_PAGES = 4096
+
 #: Seconds a finished, not detached job stays listed once its client has acknowledged all its results.
 ACKED_JOB_RETENTION = 60.0
 
@@ -132,6 +135,10 @@ class Journal:
         if path is not None:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints (which fsync) every 16 MiB of log rather than 4: input and result batches are large
+            # rows that are soon deleted again. The log is cut back to 64 MiB after a checkpoint.
+            self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            self.db.execute("PRAGMA journal_size_limit=67108864")
         self.db.executescript(SCHEMA)
 
     @contextlib.contextmanager
