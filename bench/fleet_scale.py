@@ -114,9 +114,10 @@ class Served:
         return self.fm._call(fn)
 
 
-def serve(interval: float, timeout: float) -> int:
+def serve(interval: float, timeout: float, speculation: bool) -> int:
     logging.basicConfig(level=logging.ERROR)
-    with Foreman(port=0, dashboard=False, heartbeat_interval=interval, heartbeat_timeout=timeout) as fm:
+    with Foreman(port=0, dashboard=False, heartbeat_interval=interval, heartbeat_timeout=timeout,
+                 speculation=3.0 if speculation else None) as fm:
         print(json.dumps({"address": fm.address}), flush=True)
         served = Served(fm)
         for line in sys.stdin:
@@ -135,11 +136,12 @@ def serve(interval: float, timeout: float) -> int:
 # -- the driver --------------------------------------------------------------------------------------------------
 
 class ForemanProcess:
-    def __init__(self, interval: float, timeout: float, log: Path) -> None:
+    def __init__(self, interval: float, timeout: float, speculation: bool, log: Path) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         self.process = subprocess.Popen([sys.executable, "-m", "bench.fleet_scale", "--serve",
-                                         "--heartbeat-interval", str(interval), "--heartbeat-timeout", str(timeout)],
+                                         "--heartbeat-interval", str(interval), "--heartbeat-timeout", str(timeout),
+                                         *([] if speculation else ["--no-speculation"])],
                                         cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=log.open("a"), text=True)
         self.address = self._reply()["address"]
@@ -188,8 +190,10 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
     rest = size - doomed
     for index in range(-(-rest // PER_PROCESS)):
         groups[f"s{index}"] = min(PER_PROCESS, rest - index * PER_PROCESS)
-    row: dict[str, Any] = {"workers": size, "processes": len(groups), "vanished": doomed, "vanish": args.vanish}
-    foreman = ForemanProcess(args.heartbeat_interval, args.heartbeat_timeout, args.out / "fleet_scale-foreman.log")
+    row: dict[str, Any] = {"workers": size, "processes": len(groups), "vanished": doomed, "vanish": args.vanish,
+                           "speculation": args.speculation}
+    foreman = ForemanProcess(args.heartbeat_interval, args.heartbeat_timeout, args.speculation,
+                             args.out / "fleet_scale-foreman.log")
     fleet = SimFleet(foreman.address, groups)
     try:
         fleet.wait_ready()
@@ -199,7 +203,8 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.rest)
         rest_cpu = foreman.ps.cpu_percent(None)
         row.update(rest_cpu_percent=round(rest_cpu, 2),
-                   rest_cpu_percent_per_1000_workers=round(rest_cpu * 1000 / size, 2), rss_mib=round(foreman.ps.memory_info().rss / 2**20, 1))
+                   rest_cpu_percent_per_1000_workers=round(rest_cpu * 1000 / size, 2),
+                   rss_mib=round(foreman.ps.memory_info().rss / 2**20, 1))
 
         tasks = DISPATCH_TASKS_PER_WORKER * size
         before = foreman.cpu_seconds()
@@ -225,7 +230,7 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     how = "SIGSTOP: silent" if args.vanish == "stop" else "SIGKILL"
     lines = [(f"Heartbeat every {args.heartbeat_interval:g} s, timeout {args.heartbeat_timeout:g} s; "
-              f"10 % of the fleet vanishes ({how})."), "",
+              f"10 % of the fleet vanishes ({how}); speculative copies {'on' if args.speculation else 'off'}."), "",
              ("| workers | CPU at rest | CPU at rest per 1,000 workers | RSS | RSS per worker | batches/s | "
               "foreman CPU per batch | vanished (batches held) | all dropped after | all reassigned and done after |"),
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -253,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rest", type=float, default=8.0, help="seconds over which CPU at rest is measured")
     parser.add_argument("--vanish", choices=("stop", "kill"), default="stop",
                         help="how the 10 %% vanish: SIGSTOP (silent, sockets open) or SIGKILL (sockets closed)")
+    parser.add_argument("--no-speculation", dest="speculation", action="store_false",
+                        help="no speculative copies: lost batches are rerun only once their workers are dropped")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        return serve(args.heartbeat_interval, args.heartbeat_timeout)
+        return serve(args.heartbeat_interval, args.heartbeat_timeout, args.speculation)
     sizes = [int(s) for s in args.sizes.split(",")]
     limit = max(sizes) + 100
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
