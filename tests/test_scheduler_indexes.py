@@ -88,3 +88,29 @@ def test_forget_job_tells_only_connected_holders() -> None:
     s.close_input(job.id)
     assert sorted(s.forget_job(job.id)) == ["a", "c"]
     _check_indexes(s)
+
+
+def test_pausing_draining_and_adopting_keep_the_indexes() -> None:
+    """Every way a worker's freedom or its function set changes goes through the indexes."""
+    clock = FakeClock(100.0)
+    s = Scheduler(clock, speculation=None)
+    job = s.add_job(ENV, held_until=150.0)
+    batches = [add(s, job.id, i) for i in range(4)]
+    for name in ("a", "b", "c"):
+        s.add_worker(name, 1, ENV)
+    assert s.adopt("a", job.id, 1, 1)  # a forgot the function: it is no holder until it is shipped again
+    _check_indexes(s)
+    s.pause_worker("b", True)
+    s.drain_worker("c")
+    _check_indexes(s)
+    clock.now = 200.0
+    assert [(x.worker_id, x.batch.start, x.ship_function) for x in s.dispatch()] == [("a", 0, True)]
+    _check_indexes(s)
+    s.pause_worker("b", False)
+    assert [(x.worker_id, x.batch.start) for x in s.dispatch()] == [("b", 2), ("b", 3)]
+    _check_indexes(s)
+    for batch in batches:
+        done(s, next(iter(batch.holders)), batch)
+    s.close_input(job.id)
+    assert sorted(s.forget_job(job.id)) == ["a", "b"]
+    _check_indexes(s)
