@@ -98,6 +98,7 @@ class SimWorker:
                 self.cancelled.add(header["job"])
         elif kind is Kind.JOB_DONE:
             self.jobs.pop(header["job"], None)
+            self.cancelled.discard(header["job"])
 
     async def _run_batches(self) -> None:
         while True:
@@ -145,11 +146,13 @@ async def _apply(fn: Callable[..., Any], call: str, items: list[Any]) -> tuple[l
 
 
 def hello(worker_id: str, token: str | None) -> dict[str, Any]:
-    """The HELLO of a one-slot worker on a small machine, with every field a real worker sends."""
+    """The HELLO of a one-slot worker on a small machine, with the fields a real worker sends on its first
+    connection (none of a previous foreman's work to declare)."""
     return {"protocol": protocol.PROTOCOL_VERSION, "worker_id": worker_id, "token": token,
             "python": ".".join(map(str, sys.version_info[:3])), "cloudpickle": cloudpickle.__version__,
             "concurrency": 1, "capabilities": [], "version": "sim", "dashboard": None, "hostname": "sim",
-            "platform": sys.platform, "machine": "sim", "cpu_count": 1, "memory": 2**30, "gpus": []}
+            "platform": sys.platform, "machine": "sim", "pid": os.getpid(), "cpu_count": 1, "memory": 2**30,
+            "gpus": []}
 
 
 async def _connect(address: str, worker_id: str, token: str | None,
