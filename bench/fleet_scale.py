@@ -39,7 +39,7 @@ PER_PROCESS = 300
 #: One-task batches per worker in the dispatch map.
 DISPATCH_TASKS_PER_WORKER = 10
 #: 0.3 s tasks per worker in the loss map: about 3.6 s of work each, so the map still runs when a silent
-#: worker is declared lost (after the 3 s default timeout) and its batches are not all finished by speculation.
+#: worker is declared lost (after the 3 s default timeout).
 LOSS_TASKS_PER_WORKER = 12
 #: Seconds a poll on the foreman side waits for the fleet to reach a state before giving up.
 POLL_LIMIT = 120.0
@@ -136,14 +136,17 @@ def serve(interval: float, timeout: float, speculation: bool) -> int:
 # -- the driver --------------------------------------------------------------------------------------------------
 
 class ForemanProcess:
+    """The foreman's process, driven through :class:`Served` by JSON lines; its log is appended to ``log``."""
+
     def __init__(self, interval: float, timeout: float, speculation: bool, log: Path) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-        self.process = subprocess.Popen([sys.executable, "-m", "bench.fleet_scale", "--serve",
-                                         "--heartbeat-interval", str(interval), "--heartbeat-timeout", str(timeout),
-                                         *([] if speculation else ["--no-speculation"])],
-                                        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=log.open("a"), text=True)
+        with log.open("a") as stderr:
+            self.process = subprocess.Popen([sys.executable, "-m", "bench.fleet_scale", "--serve",
+                                             "--heartbeat-interval", str(interval), "--heartbeat-timeout",
+                                             str(timeout), *([] if speculation else ["--no-speculation"])],
+                                            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=stderr, text=True)
         self.address = self._reply()["address"]
         self.ps = psutil.Process(self.process.pid)
 
@@ -168,19 +171,19 @@ class ForemanProcess:
         return json.loads(line)
 
     def close(self) -> None:
+        """Ask the foreman to stop (it closes its workers' connections); kill it if it has not after 30 s."""
+        assert self.process.stdin is not None and self.process.stdout is not None
         try:
-            self.ask_quit()
-        finally:
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def ask_quit(self) -> None:
-        if self.process.poll() is None and self.process.stdin is not None:
             self.process.stdin.write('{"op": "quit"}\n')
             self.process.stdin.close()
+        except BrokenPipeError:
+            pass  # it has exited already
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
 
 
 def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:

@@ -4,9 +4,14 @@ heartbeat timeout finds them) their batches are reassigned and the map still com
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from conftest import ROOT, worker_env
 
 from bench.simfleet import SimFleet, slow_square, square
 from foreman import Foreman
@@ -63,3 +68,17 @@ def test_50_frozen_workers_are_found_by_the_heartbeat_timeout_and_their_work_red
             assert time.monotonic() < deadline, sorted(_held_by(fm, "gone-"))
             time.sleep(0.05)
         assert fm._call(lambda: fm._server.scheduler.workers_lost) >= VANISHING
+
+
+def test_the_fleet_benchmark_runs_end_to_end(tmp_path) -> None:
+    """A smoke run of bench/fleet_scale.py on two small fleets (no figure is asserted, only that each is there)."""
+    done = subprocess.run([sys.executable, "-m", "bench.fleet_scale", "--sizes", "20,40", "--rest", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env=worker_env(), stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "| workers | CPU at rest |" in done.stdout
+    rows = [json.loads(line) for line in (tmp_path / "fleet_scale.jsonl").read_text().splitlines()]
+    assert [row["workers"] for row in rows] == [20, 40]
+    for row in rows:
+        assert "error" not in row and row["map_exact"] and row["loss_exact"]
+        assert row["detect_s"] > 0 and row["recover_s"] > 0 and row["cpu_us_per_batch"] > 0
