@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from foreman.serialization import split_payload
@@ -115,6 +115,8 @@ class Job:
     queue: deque[Batch] = field(default_factory=deque)  # ordinary batches, in order
     suspects: deque[Batch] = field(default_factory=deque)  # batches that lost a worker; run alone
     live: dict[int, Batch] = field(default_factory=dict)  # start -> batch, queued or assigned
+    # start -> batch for first copies in flight that may still be speculated on, oldest first (see _speculate)
+    flying: dict[int, Batch] = field(default_factory=dict)
     input_closed: bool = False  # no more batches will be added
     cancelled: bool = False
     tasks_total: int = 0
@@ -209,7 +211,11 @@ class Scheduler:
         self.jobs: dict[int, Job] = {}
         self.workers: dict[str, Worker] = {}
         self._by_last_seen: OrderedDict[str, None] = OrderedDict()  # least recently heard from first
-        self._free: dict[str, None] = {}  # workers that may take a batch now (ordered set)
+        # Workers that may take a batch now, each also filed under its load (batches held / slots), so that a
+        # dispatch pass visits the least loaded first without sorting the fleet. Both change only in _refile.
+        self._free: dict[str, float] = {}  # worker -> its load
+        self._by_load: dict[float, dict[str, None]] = {}  # load -> the free workers at it (ordered sets)
+        self._holders: dict[int, set[str]] = {}  # job -> workers that were sent its function
         self._runnable: deque[int] = deque()  # jobs with queued batches, round-robin order
         self._reserved: str | None = None  # worker being emptied to run a waiting suspect
         self.next_job_id = 1
@@ -237,7 +243,7 @@ class Scheduler:
         self.capacity += worker.capacity
         self.slots += slots
         self._by_last_seen[worker_id] = None
-        self._free[worker_id] = None
+        self._refile(worker)
         return worker
 
     def touch(self, worker_id: str) -> None:
@@ -261,17 +267,14 @@ class Scheduler:
         """The worker takes no new batches; those it holds finish or come back by :meth:`hand_back`."""
         worker = self.workers[worker_id]
         worker.draining = True
-        self._free.pop(worker_id, None)
+        self._refile(worker)
 
     def pause_worker(self, worker_id: str, paused: bool) -> None:
         """The worker's owner paused it (it takes no new batches; those it holds finish or come back by
         :meth:`hand_back`), or let it resume."""
         worker = self.workers[worker_id]
         worker.paused = paused
-        if worker.free:
-            self._free[worker_id] = None
-        else:
-            self._free.pop(worker_id, None)
+        self._refile(worker)
 
     def remove_worker(self, worker_id: str, lost: bool) -> list[Failure]:
         """Forget a worker and requeue what it held: with a strike if ``lost``, without if it left cleanly."""
@@ -281,7 +284,9 @@ class Scheduler:
         if self._reserved == worker_id:
             self._reserved = None
         self._by_last_seen.pop(worker_id, None)
-        self._free.pop(worker_id, None)
+        self._refile(worker)
+        for job_id in worker.jobs:
+            self._holders.get(job_id, set()).discard(worker_id)
         if lost:
             self.workers_lost += 1
         failures = []
@@ -329,6 +334,7 @@ class Scheduler:
         self._assign(worker, batch)
         if not had_function:
             worker.jobs.discard(job_id)  # the worker dropped the function on reconnecting: ship it again
+            self._holders[job_id].discard(worker_id)
         return True
 
     def add_batch(self, job_id: int, start: int, count: int, payload: bytes) -> Batch:
@@ -358,6 +364,7 @@ class Scheduler:
             batch.holders.clear()
             _move(batch, Event.CANCEL)
         job.live.clear()
+        job.flying.clear()
         job.queue.clear()
         job.suspects.clear()
         if job_id in self._runnable:
@@ -367,12 +374,10 @@ class Scheduler:
     def forget_job(self, job_id: int) -> list[str]:
         """Drop a finished job; returns the workers holding its function, to be told they may forget it."""
         self.jobs.pop(job_id)
-        holders = []
-        for worker in self.workers.values():
-            if job_id in worker.jobs:
-                worker.jobs.discard(job_id)
-                holders.append(worker.id)
-        return holders
+        holders = self._holders.pop(job_id, set())
+        for worker_id in holders:
+            self.workers[worker_id].jobs.discard(job_id)
+        return list(holders)
 
     # -- results ---------------------------------------------------------------------------------------------
 
@@ -401,6 +406,7 @@ class Scheduler:
         batch.holders.clear()
         job = self.jobs[job_id]
         del job.live[start]
+        job.flying.pop(start, None)
         job.tasks_done += count
         job.durations.append((self.clock() - batch.assigned_at) / count)
         batch.payload = b""
@@ -438,8 +444,7 @@ class Scheduler:
         out: list[Assignment] = []
         while self._runnable and self._free:
             assigned = 0
-            idle_first = sorted(self._free, key=lambda w: len(self.workers[w].batches) / self.workers[w].slots)
-            for worker_id in idle_first:
+            for worker_id in self._least_loaded_first():
                 worker = self.workers[worker_id]
                 batch = self._next_batch_for(worker) if worker.free else None
                 if batch is not None:
@@ -453,28 +458,60 @@ class Scheduler:
             out.extend(self._speculate())
         return out
 
+    def _least_loaded_first(self) -> Iterator[str]:
+        """The free workers for one dispatch pass, least loaded first, each once. Loads are few (batches held
+        per slot), so only they are sorted; a bucket is listed when the pass reaches it, and the pass stops
+        when the queues are empty, so the fleet's size does not enter a pass that assigns a few batches."""
+        visited: set[str] = set()  # a worker given a batch moves to a fuller bucket: not visited twice
+        for load in sorted(self._by_load):
+            for worker_id in list(self._by_load.get(load, ())):
+                if worker_id not in visited:
+                    visited.add(worker_id)
+                    yield worker_id
+
+    def _idle(self) -> dict[str, None]:
+        """Free workers holding nothing (an ordered set; do not change it)."""
+        return self._by_load.get(0.0, {})
+
     def _speculate(self) -> list[Assignment]:
-        """Start second copies of slow batches on idle workers, at the tail of jobs with nothing queued."""
-        out: list[Assignment] = []
+        """Start second copies of late batches on idle workers, at the tail of jobs with nothing queued.
+
+        Only each job's oldest first copies are looked at (``Job.flying`` is in start order, and the walk stops
+        at the first batch too young to be late), and idle workers only once some batch is late, so a dispatch
+        with nothing to speculate on costs O(jobs).
+        """
+        if not self._idle():
+            return []
         now = self.clock()
-        idle = [self.workers[w] for w in self._free if not self.workers[w].batches]
-        for worker in idle:
-            best, best_lateness = None, 1.0
-            for job in self.jobs.values():
-                if job.has_queued or len(job.durations) < 5 or not can_run(worker, job):
-                    continue  # only when the job has nothing else for idle workers, once its task time is known
-                typical = sorted(job.durations)[len(job.durations) // 2]
-                for batch in job.live.values():
-                    if batch.state is not State.ASSIGNED or batch.speculated or batch.suspect:
-                        continue
-                    expected = max(typical * batch.count * self.speculation, SPECULATION_MIN_AGE)
-                    lateness = (now - batch.assigned_at) / expected
-                    if lateness > best_lateness:
-                        best, best_lateness = batch, lateness
-            if best is not None:
-                best.speculated = True
-                self.speculated += 1
-                out.append(self._assign(worker, best))
+        late: list[tuple[float, Batch, Job]] = []
+        for job in self.jobs.values():
+            if job.has_queued or len(job.durations) < 5 or not job.flying:
+                continue  # only when the job has nothing else for idle workers, once its task time is known
+            typical = sorted(job.durations)[len(job.durations) // 2]
+            youngest_late = max(typical * self.speculation, SPECULATION_MIN_AGE)  # a one-task batch's limit
+            for batch in job.flying.values():
+                age = now - batch.assigned_at
+                if age <= youngest_late:
+                    break  # this batch and every later one started too recently to be late
+                lateness = age / max(typical * batch.count * self.speculation, SPECULATION_MIN_AGE)
+                if lateness > 1.0:
+                    late.append((lateness, batch, job))
+        if not late:
+            return []
+        late.sort(key=lambda entry: -entry[0])  # the latest first
+        out: list[Assignment] = []
+        for worker_id in list(self._idle()):
+            worker = self.workers[worker_id]
+            chosen = next((i for i, (_, _, job) in enumerate(late) if can_run(worker, job)), None)
+            if chosen is None:
+                continue
+            _, batch, job = late.pop(chosen)
+            batch.speculated = True
+            del job.flying[batch.start]
+            self.speculated += 1
+            out.append(self._assign(worker, batch))
+            if not late:
+                break
         return out
 
     def _next_batch_for(self, worker: Worker) -> Batch | None:
@@ -509,8 +546,7 @@ class Scheduler:
         return None
 
     def _idle_worker_for(self, job: Job) -> bool:
-        return any(not w.batches and not w.draining and not w.paused and can_run(w, job)
-                   for w in self.workers.values())
+        return any(can_run(self.workers[w], job) for w in self._idle())
 
     def can_be_served(self, job: Job) -> bool:
         """Whether any connected worker could run this job (else it waits for one to join)."""
@@ -525,16 +561,19 @@ class Scheduler:
     def _assign(self, worker: Worker, batch: Batch) -> Assignment:
         if batch.state is State.QUEUED:  # a speculative second copy keeps the first copy's start time
             batch.assigned_at = self.clock()
+            if not batch.suspect and not batch.speculated:
+                self.jobs[batch.job_id].flying[batch.start] = batch
         _move(batch, Event.ASSIGN)
         batch.holders.add(worker.id)
         batch.attempts += 1
         worker.batches[batch.key] = batch
         if batch.suspect:
             worker.exclusive = True
-        if not worker.free:
-            self._free.pop(worker.id, None)
+        self._refile(worker)
         ship = batch.job_id not in worker.jobs
-        worker.jobs.add(batch.job_id)
+        if ship:
+            worker.jobs.add(batch.job_id)
+            self._holders.setdefault(batch.job_id, set()).add(worker.id)
         return Assignment(worker.id, batch, ship)
 
     # -- internals -------------------------------------------------------------------------------------------
@@ -548,11 +587,25 @@ class Scheduler:
         batch = worker.batches.pop(key, None)
         if batch is not None and batch.suspect:
             worker.exclusive = False
+        self._refile(worker)
+
+    def _refile(self, worker: Worker) -> None:
+        """File a worker whose state changed: in ``_free`` and under its load if it may take a batch, else
+        nowhere. The only place these two change."""
+        old = self._free.pop(worker.id, None)
+        if old is not None:
+            bucket = self._by_load[old]
+            del bucket[worker.id]
+            if not bucket:
+                del self._by_load[old]
         if worker.free and worker.id in self.workers:
-            self._free[worker.id] = None
+            load = len(worker.batches) / worker.slots
+            self._by_load.setdefault(load, {})[worker.id] = None
+            self._free[worker.id] = load
 
     def _requeue(self, batch: Batch, strike: bool, reason: str) -> Failure | None:
         job = self.jobs[batch.job_id]
+        job.flying.pop(batch.start, None)
         if not strike:
             _move(batch, Event.REQUEUE)
             (job.suspects if batch.suspect else job.queue).appendleft(batch)

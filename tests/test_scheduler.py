@@ -587,6 +587,7 @@ def test_validation_errors(clock: FakeClock) -> None:
 
 
 def _check_invariants(s: Scheduler) -> None:
+    _check_indexes(s)
     assert s.capacity == sum(w.capacity for w in s.workers.values())
     assert s.slots == sum(w.slots for w in s.workers.values())
     for w in s.workers.values():
@@ -610,6 +611,21 @@ def _check_invariants(s: Scheduler) -> None:
             assert not covered & span
             covered |= span
         assert all(b.state is State.QUEUED for b in queued)
+
+
+def _check_indexes(s: Scheduler) -> None:
+    """The scheduler's indexes (kept so that no message costs O(workers)) agree with a recount from scratch."""
+    assert set(s._idle()) == {w.id for w in s.workers.values() if w.free and not w.batches}
+    assert s._free == {w.id: len(w.batches) / w.slots for w in s.workers.values() if w.free}
+    assert {(w, load) for load, bucket in s._by_load.items() for w in bucket} == set(s._free.items())
+    assert all(s._by_load.values())  # no empty buckets
+    for job in s.jobs.values():
+        assert s._holders.get(job.id, set()) == {w.id for w in s.workers.values() if job.id in w.jobs}
+        flying = [b for b in job.live.values() if b.state is State.ASSIGNED and not b.suspect and not b.speculated]
+        assert set(map(id, job.flying.values())) == set(map(id, flying))
+        assert all(job.flying[start] is batch for start, batch in job.flying.items() if batch.start == start)
+        started = [b.assigned_at for b in job.flying.values()]
+        assert started == sorted(started)  # oldest first, which _speculate relies on
 
 
 @pytest.mark.parametrize("seed, max_losses", [(20240607, 100), (7, 100), (31337, 3)])
