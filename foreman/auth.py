@@ -11,8 +11,14 @@ The token file is TOML, one name per token::
 
     [workers]
     alice-laptop = "w-2b7e..."
+    [trusted_workers]
+    lab-rack-1 = "t-51c0..."
     [clients]
     bob = "c-9f41..."
+
+Workers in ``[trusted_workers]`` are ones the operator vouches for: they run spot checks (their results are
+taken as the reference) and are never quarantined. So are workers joining with the admin token, and an embedded
+foreman's local workers (which join with a secret of their own, :meth:`Authenticator.local_token`).
 
 It is re-read when it changes; a worker whose token was removed is disconnected. Tokens are compared in
 constant time.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import secrets
 import sys
 import time
 from collections import deque
@@ -46,6 +53,7 @@ class Principal:
     name: str
     role: str
     token: str = field(repr=False)
+    trusted: bool = False  # a worker whose results are a reference (spot checks); see the module docstring
 
 
 def load_token_file(path: str | os.PathLike[str]) -> list[Principal]:
@@ -55,17 +63,18 @@ def load_token_file(path: str | os.PathLike[str]) -> list[Principal]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"cannot read token file {path}: {exc}") from exc
     principals = []
-    for table, role in (("workers", WORKER), ("clients", CLIENT)):
+    for table, role in (("workers", WORKER), ("trusted_workers", WORKER), ("clients", CLIENT)):
         entries = data.get(table, {})
         if not isinstance(entries, dict):
             raise ValueError(f"token file {path}: [{table}] must be a table of name = \"token\"")
         for name, token in entries.items():
             if not isinstance(token, str) or len(token) < 8:
                 raise ValueError(f"token file {path}: {table}.{name} must be a string of at least 8 characters")
-            principals.append(Principal(name, role, token))
-    unknown = set(data) - {"workers", "clients"}
+            principals.append(Principal(name, role, token, trusted=table == "trusted_workers"))
+    unknown = set(data) - {"workers", "trusted_workers", "clients"}
     if unknown:
-        raise ValueError(f"token file {path}: unknown tables {sorted(unknown)} (expected [workers], [clients])")
+        raise ValueError(f"token file {path}: unknown tables {sorted(unknown)} "
+                         "(expected [workers], [trusted_workers], [clients])")
     return principals
 
 
@@ -77,6 +86,7 @@ class Authenticator:
         self.token_file = Path(token_file) if token_file is not None else None
         self._principals: list[Principal] = []
         self._mtime = 0.0
+        self._local: str | None = None
         if self.token_file is not None:
             self._principals = load_token_file(self.token_file)
             self._mtime = self.token_file.stat().st_mtime
@@ -90,15 +100,24 @@ class Authenticator:
     def required(self) -> bool:
         return self.token is not None or self.token_file is not None
 
+    def local_token(self) -> str:
+        """A secret for this process's own (local) workers: they join as the trusted worker ``local``."""
+        if self._local is None:
+            self._local = secrets.token_urlsafe(24)
+        return self._local
+
     def identify(self, offered: str | None) -> Principal | None:
-        """The principal ``offered`` belongs to, or None. Open access (no token at all) is an anonymous admin."""
+        """The principal ``offered`` belongs to, or None. Open access (no token at all) is an anonymous admin,
+        not trusted as a worker."""
+        if self._local is not None and offered and hmac.compare_digest(offered.encode(), self._local.encode()):
+            return Principal("local", WORKER, self._local, trusted=True)
         if not self.required:
             return Principal("anonymous", ADMIN, "")
         if not offered:
             return None
         found = None
         if self.token is not None and hmac.compare_digest(offered.encode(), self.token.encode()):
-            found = Principal("admin", ADMIN, self.token)
+            found = Principal("admin", ADMIN, self.token, trusted=True)
         for principal in self._principals:  # no early exit: the time taken does not depend on which matched
             if hmac.compare_digest(offered.encode(), principal.token.encode()):
                 found = found or principal

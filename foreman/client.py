@@ -19,7 +19,7 @@ from typing import Any
 
 from foreman import protocol
 from foreman.addresses import is_loopback
-from foreman.auth import WORKER, Authenticator
+from foreman.auth import Authenticator
 from foreman.errors import ForemanClosedError
 from foreman.aio import AsyncAPI
 from foreman.executor import ForemanExecutor
@@ -33,11 +33,6 @@ from foreman.server import ForemanServer
 from foreman.tls import certificate_fingerprint, client_context, parse_fingerprint, server_context
 
 log = logging.getLogger("crowdcompute.foreman")
-
-
-def _any_worker_token(auth: Authenticator) -> str | None:
-    """A token local workers can join with when only a token file was given."""
-    return next((p.token for p in auth.principals if p.role == WORKER), None)
 
 
 class Options:
@@ -149,7 +144,7 @@ class Foreman(AsyncAPI):
             max_message_size=max_message_size, max_task_losses=max_task_losses, speculation=speculation,
             http_port=http_port if dashboard else None, trust_workers=trust_workers, ssl_context=tls,
             journal=journal, client_grace=client_grace)
-        self._local = LocalWorkers(token or _any_worker_token(auth), heartbeat_interval, pin)
+        self._local = LocalWorkers(auth.local_token(), heartbeat_interval, pin)
         try:
             self._call(self._server.start())
             self._local.start(self.address, local_workers)
@@ -260,9 +255,13 @@ class Foreman(AsyncAPI):
         if "retry_on" in options and isinstance(options["retry_on"], type):
             options["retry_on"] = (options["retry_on"],)
         try:
-            return dataclasses.replace(self._default_options, **options)
+            job_options = dataclasses.replace(self._default_options, **options)
         except TypeError as exc:
             raise TypeError(f"unknown job option: {exc}") from None
+        if job_options.validation() is not None and not isinstance(self._backend, ForemanServer):
+            raise ValueError("redundancy and spot_check need an embedded foreman: a remote client cannot ask "
+                             "for them yet")
+        return job_options
 
     # -- detached jobs ---------------------------------------------------------------------------------------
 
@@ -276,6 +275,8 @@ class Foreman(AsyncAPI):
         self._check_open()
         self._ship(fn)
         job_options = self._options(options)
+        if job_options.validation() is not None:
+            raise ValueError("redundancy and spot_check are not available for detached jobs yet: use map/imap")
         if not iterables:
             raise TypeError("submit_job() needs at least one iterable")
         call = protocol.CALL_ONE if len(iterables) == 1 else protocol.CALL_STAR

@@ -76,3 +76,20 @@ def rebuild_failure(described: Any) -> BaseException:
     if isinstance(cls, type) and issubclass(cls, CrowdComputeError) and cls is not RemoteError:
         return cls(message)
     return RemoteError(name, message, "")
+
+
+class ValidationError(CrowdComputeError):
+    """Replicas of a task (``redundancy`` / ``spot_check``) did not agree often enough to accept any result.
+
+    ``candidates`` lists every result given, as ``(worker id, value or exception)`` pairs. Either the task is not
+    deterministic (pass a ``comparator`` that accepts close results, e.g. for floats) or workers are lying
+    (see their reputation on the dashboard).
+    """
+
+    def __init__(self, message: str, task: int, candidates: list[tuple[str, object]]) -> None:
+        super().__init__(message)
+        self.task = task
+        self.candidates = candidates
+
+    def __reduce__(self) -> tuple[type[ValidationError], tuple[str, int, list[tuple[str, object]]]]:
+        return (type(self), (str(self), self.task, self.candidates))

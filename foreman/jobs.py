@@ -23,6 +23,7 @@ from foreman import protocol
 from foreman.errors import SerializationError
 from foreman.retry import Retrying
 from foreman.serialization import dumps_function, dumps_items, loads_results, rebuild_exception
+from foreman.validation import Policy
 
 if TYPE_CHECKING:
     from foreman.client import Foreman
@@ -91,6 +92,14 @@ class JobOptions:
     :param task_timeout: seconds one task may run: a timer in the task process raises TaskTimeoutError in the
         task, and a task stuck where it cannot (in C code) has its process killed (then it counts as a crash and
         reruns elsewhere, up to the poison-task rule). A worker's own ``--max-task-seconds`` still applies.
+    :param redundancy: run each task on this many distinct workers (distinct hosts while enough hosts are
+        connected) and accept a result only when ``quorum`` of them agree (see :mod:`foreman.validation`).
+    :param quorum: agreeing results needed to accept a task (default: ``redundancy``).
+    :param max_replicas: on disagreement, more replicas run, up to this many in all (default:
+        ``redundancy + 2``); a task still without a quorum then fails with ValidationError.
+    :param comparator: ``comparator(a, b) -> bool`` decides whether two results agree (e.g. floats within a
+        tolerance); it runs on the foreman. Default: same type and ``==``, or the same pickled bytes.
+    :param spot_check: this fraction of batches also runs on a trusted worker, whose result must agree.
     """
 
     requires: frozenset[str] = frozenset()
@@ -101,14 +110,47 @@ class JobOptions:
     retry_backoff: float = 0.1
     return_exceptions: bool = False
     task_timeout: float | None = None
+    redundancy: int = 1
+    quorum: int | None = None
+    max_replicas: int | None = None
+    comparator: Callable[[Any, Any], bool] | None = None
+    spot_check: float = 0.0
+
+    def __post_init__(self) -> None:
+        if type(self.redundancy) is not int or self.redundancy < 1:
+            raise ValueError(f"redundancy must be an int >= 1, got {self.redundancy!r}")
+        quorum = self.redundancy if self.quorum is None else self.quorum
+        if type(quorum) is not int or not 1 <= quorum <= self.redundancy:
+            raise ValueError(f"quorum must be an int from 1 to redundancy ({self.redundancy}), got {quorum!r}")
+        if self.max_replicas is not None and (type(self.max_replicas) is not int
+                                              or self.max_replicas < self.redundancy):
+            raise ValueError(f"max_replicas must be an int >= redundancy ({self.redundancy}), "
+                             f"got {self.max_replicas!r}")
+        if self.comparator is not None and not callable(self.comparator):
+            raise TypeError(f"comparator must be callable, got {type(self.comparator).__name__}")
+        if not isinstance(self.spot_check, (int, float)) or not 0.0 <= self.spot_check <= 1.0:
+            raise ValueError(f"spot_check must be a fraction from 0 to 1, got {self.spot_check!r}")
+
+    def validation(self) -> Policy | None:
+        """The job's validation policy, or None when results are taken as they come."""
+        if self.redundancy == 1 and not self.spot_check:
+            return None
+        return Policy(self.redundancy, self.redundancy if self.quorum is None else self.quorum,
+                      self.redundancy + 2 if self.max_replicas is None else self.max_replicas,
+                      self.comparator, float(self.spot_check))
 
     def shipped(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """What the workers run: ``fn`` itself, or ``fn`` wrapped to retry."""
         return Retrying(fn, self.retries, self.retry_on, self.retry_backoff) if self.retries else fn
 
     def placement(self) -> dict[str, Any]:
-        return {"requires": frozenset(self.requires), "resources": dict(self.resources), "priority": self.priority,
-                "task_timeout": self.task_timeout}
+        """Keywords for ``add_job``; ``validation`` only when asked for (an embedded foreman takes it)."""
+        placement = {"requires": frozenset(self.requires), "resources": dict(self.resources),
+                     "priority": self.priority, "task_timeout": self.task_timeout}
+        validation = self.validation()
+        if validation is not None:
+            placement["validation"] = validation
+        return placement
 
 
 class Job:

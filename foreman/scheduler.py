@@ -13,13 +13,22 @@ Worker loss and poison tasks. When a worker vanishes, each batch it held gets a 
 so a second loss can be blamed on that batch. A multi-task batch that loses a second worker is split into single
 tasks (each still a suspect); a single task that loses ``max_task_losses`` workers in a row fails as poison.
 Graceful hand-backs (draining, restart) requeue without a strike.
+
+Replicas. A job with ``copies`` > 1 (redundancy, spot checks) runs each batch on that many distinct workers, on
+distinct hosts while at least that many hosts are connected. After its first assignment a batch that still
+wants copies waits in its job's ``replicas`` (ahead of new batches) until enough workers took it. Its copies'
+results are *answers* (:meth:`Scheduler.answer`); the caller compares them (:mod:`foreman.validation`) and then
+either finishes the batch (:meth:`Scheduler.settle`) or asks for more copies (:meth:`Scheduler.add_copies`).
+A spot-checked batch keeps one of its copies for a trusted worker. A *barred* worker (quarantined or banned)
+gets no work.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-from collections import OrderedDict, deque
+import random
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -82,6 +91,16 @@ class Batch:
     assigned_at: float = 0.0
     last_loss: str = ""
     speculated: bool = False  # a second copy was started on another worker
+    copies: int = 1  # results wanted from distinct workers (replicas)
+    spot_check: bool = False  # one copy must run on a trusted worker
+    answered: set[str] = field(default_factory=set)  # workers that returned a replica's results
+    hosts: dict[str, str] = field(default_factory=dict)  # holder or answerer -> its host
+    trusted_by: set[str] = field(default_factory=set)  # trusted holders and answerers
+
+    @property
+    def pending(self) -> int:
+        """Copies wanted that no worker holds or answered yet."""
+        return self.copies - len(self.holders) - len(self.answered)
 
     @property
     def suspect(self) -> bool:
@@ -123,6 +142,9 @@ class Job:
     tasks_done: int = 0
     tasks_failed: int = 0
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # recent batch run times
+    copies: int = 1  # workers each batch runs on (redundancy)
+    spot_check: float = 0.0  # fraction of batches that also run on a trusted worker
+    replicas: dict[int, Batch] = field(default_factory=dict)  # start -> assigned batch wanting more copies
 
     @property
     def finished(self) -> bool:
@@ -130,7 +152,7 @@ class Job:
 
     @property
     def has_queued(self) -> bool:
-        return bool(self.queue or self.suspects)
+        return bool(self.queue or self.suspects or self.replicas)
 
 
 @dataclass(eq=False)
@@ -144,6 +166,9 @@ class Worker:
     last_seen: float
     capabilities: frozenset[str] = frozenset()
     resources: dict[str, float] = field(default_factory=dict)
+    host: str = ""  # machine it runs on (workers on one host count as one for replicas)
+    trusted: bool = False  # marked by the operator: may run spot checks, never quarantined
+    barred: str = ""  # why it gets no work (quarantined, banned); "" if it may work
     batches: dict[tuple[int, int, int], Batch] = field(default_factory=dict)
     jobs: set[int] = field(default_factory=set)  # jobs whose function it has been sent
     exclusive: bool = False  # running a suspect batch: gets nothing else
@@ -153,7 +178,8 @@ class Worker:
 
     @property
     def free(self) -> bool:
-        return not self.draining and not self.paused and not self.exclusive and len(self.batches) < self.capacity
+        return (not self.draining and not self.paused and not self.exclusive and not self.barred
+                and len(self.batches) < self.capacity)
 
 
 @dataclass(frozen=True)
@@ -195,10 +221,12 @@ class Scheduler:
         least :data:`SPECULATION_MIN_AGE`) is also started on the idle worker; the first result wins and the
         other copy is cancelled. Costs duplicate work at the tail of a job, saves
         waiting for its slowest volunteer. None turns it off.
+    :param rng: draws which batches are spot-checked (seed it in tests).
     """
 
     def __init__(self, clock: Callable[[], float], heartbeat_timeout: float = 30.0, prefetch: int | None = None,
-                 max_task_losses: int = 3, speculation: float | None = 3.0) -> None:
+                 max_task_losses: int = 3, speculation: float | None = 3.0,
+                 rng: random.Random | None = None) -> None:
         if heartbeat_timeout <= 0:
             raise ValueError("heartbeat_timeout must be > 0")
         if max_task_losses < 1:
@@ -208,6 +236,7 @@ class Scheduler:
         self.prefetch = prefetch
         self.max_task_losses = max_task_losses
         self.speculation = speculation
+        self.rng = rng or random.Random()
         self.jobs: dict[int, Job] = {}
         self.workers: dict[str, Worker] = {}
         self._by_last_seen: OrderedDict[str, None] = OrderedDict()  # least recently heard from first
@@ -227,19 +256,24 @@ class Scheduler:
         self.speculated = 0
         self.duplicates_dropped = 0
         self.workers_lost = 0
+        self.replicas_added = 0  # copies asked for beyond a job's redundancy, after disagreements
+        self._hosts: Counter[str] = Counter()  # connected workers per host
 
     # -- workers ---------------------------------------------------------------------------------------------
 
     def add_worker(self, worker_id: str, slots: int, env: str, capabilities: frozenset[str] = frozenset(),
-                   resources: dict[str, float] | None = None) -> Worker:
+                   resources: dict[str, float] | None = None, host: str = "", trusted: bool = False,
+                   barred: str = "") -> Worker:
+        """Register a connected worker; ``host`` "" means unknown (it then counts as a host of its own)."""
         if worker_id in self.workers:
             raise ValueError(f"worker {worker_id!r} is already connected")
         if slots < 1:
             raise ValueError("a worker needs at least one slot")
         prefetch = slots if self.prefetch is None else self.prefetch
         worker = Worker(worker_id, slots, env, slots + prefetch, self.clock(), frozenset(capabilities),
-                        dict(resources or {}))
+                        dict(resources or {}), host or f"worker:{worker_id}", trusted, barred)
         self.workers[worker_id] = worker
+        self._hosts[worker.host] += 1
         self.capacity += worker.capacity
         self.slots += slots
         self._by_last_seen[worker_id] = None
@@ -281,6 +315,9 @@ class Scheduler:
         worker = self.workers.pop(worker_id)
         self.capacity -= worker.capacity
         self.slots -= worker.slots
+        self._hosts[worker.host] -= 1
+        if not self._hosts[worker.host]:
+            del self._hosts[worker.host]
         if self._reserved == worker_id:
             self._reserved = None
         self._by_last_seen.pop(worker_id, None)
@@ -291,27 +328,47 @@ class Scheduler:
             self.workers_lost += 1
         failures = []
         for batch in worker.batches.values():
-            batch.holders.discard(worker_id)
-            if batch.holders:
-                continue  # another copy still runs
-            failure = self._requeue(batch, strike=lost, reason=f"worker {worker_id} was lost")
+            failure = self._drop_copy(batch, worker_id, strike=lost, reason=f"worker {worker_id} was lost")
             if failure:
                 failures.append(failure)
         return failures
 
+    def bar(self, worker_id: str, reason: str) -> list[Batch]:
+        """The worker gets no more work (quarantined, banned); returns the batches it held, requeued without a
+        strike, to be cancelled there."""
+        worker = self.workers[worker_id]
+        worker.barred = reason
+        if self._reserved == worker_id:
+            self._reserved = None
+        held = list(worker.batches.values())
+        for batch in held:
+            self._release(worker, batch.key)
+            self._drop_copy(batch, worker_id, strike=False, reason="")
+        self._refile(worker)
+        return held
+
+    def unbar(self, worker_id: str) -> None:
+        worker = self.workers[worker_id]
+        worker.barred = ""
+        self._refile(worker)
+
     # -- jobs ------------------------------------------------------------------------------------------------
 
     def add_job(self, env: str, requires: frozenset[str] = frozenset(), resources: dict[str, float] | None = None,
-                priority: int = 0, owner: str = "", job_id: int | None = None, held_until: float = 0.0) -> Job:
+                priority: int = 0, owner: str = "", job_id: int | None = None, held_until: float = 0.0,
+                copies: int = 1, spot_check: float = 0.0) -> Job:
         """A new job. ``job_id`` recreates a journaled one (new ids then start above it); ``held_until`` keeps its
-        queue for the workers that held its batches until that time (see :meth:`adopt`)."""
+        queue for the workers that held its batches until that time (see :meth:`adopt`). Each of its batches
+        runs on ``copies`` distinct workers, and a ``spot_check`` fraction of them on one more, trusted, worker."""
+        if copies < 1 or not 0.0 <= spot_check <= 1.0:
+            raise ValueError("need copies >= 1 and 0 <= spot_check <= 1")
         if job_id is None:
             job_id = self.next_job_id
         elif job_id in self.jobs:
             raise ValueError(f"job {job_id} exists")
         self.next_job_id = max(self.next_job_id, job_id + 1)
         job = Job(job_id, env, self.clock(), frozenset(requires), dict(resources or {}), priority, owner,
-                  held_until)
+                  held_until, copies=copies, spot_check=spot_check)
         self.jobs[job.id] = job
         return job
 
@@ -341,7 +398,10 @@ class Scheduler:
         job = self.jobs[job_id]
         if job.input_closed:
             raise ValueError(f"job {job_id} input is closed")
-        batch = Batch(job_id, start, count, payload)
+        batch = Batch(job_id, start, count, payload, copies=job.copies)
+        if job.spot_check and self.rng.random() < job.spot_check:
+            batch.spot_check = True
+            batch.copies += 1
         job.live[start] = batch
         job.tasks_total += count
         job.queue.append(batch)
@@ -367,6 +427,7 @@ class Scheduler:
         job.flying.clear()
         job.queue.clear()
         job.suspects.clear()
+        job.replicas.clear()
         if job_id in self._runnable:
             self._runnable.remove(job_id)
         return running
@@ -393,23 +454,52 @@ class Scheduler:
         worker = self.workers.get(worker_id)
         if worker is not None:
             self._release(worker, (job_id, start, count))
-        if (batch is None or batch.state is not State.ASSIGNED
+        if (batch is None or batch.state is not State.ASSIGNED or batch.copies > 1
                 or (holders_only and worker_id not in batch.holders)):
             self.duplicates_dropped += 1
             return None
-        _move(batch, Event.COMPLETE)
         if worker is not None:
             worker.tasks_done += count
-        others = tuple(w for w in batch.holders if w != worker_id)
+        return self.settle(batch, exclude=worker_id)
+
+    def answer(self, worker_id: str, job_id: int, start: int, count: int) -> Batch | None:
+        """A worker returned its copy of a replicated batch: it becomes one of the batch's answers (the caller
+        compares them). None if stale, or if that worker does not hold the batch: drop the results."""
+        batch = self._live_batch(job_id, start, count)
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            self._release(worker, (job_id, start, count))
+        if batch is None or batch.state is not State.ASSIGNED or worker_id not in batch.holders:
+            self.duplicates_dropped += 1
+            return None
+        batch.holders.discard(worker_id)
+        batch.answered.add(worker_id)
+        if worker is not None:
+            worker.tasks_done += count
+        return batch
+
+    def add_copies(self, batch: Batch, n: int) -> None:
+        """The answers disagree: run ``n`` more copies of the batch, on workers that have not run it."""
+        batch.copies += n
+        self.replicas_added += n
+        self._offer_copy(batch)
+
+    def settle(self, batch: Batch, exclude: str = "") -> Completion:
+        """The batch is finished (its result accepted, or its validation given up); copies still running on
+        workers other than ``exclude`` are to be cancelled."""
+        _move(batch, Event.COMPLETE)
+        others = tuple(w for w in batch.holders if w != exclude)
         for other in others:
             self._release(self.workers[other], batch.key)
         batch.holders.clear()
-        job = self.jobs[job_id]
-        del job.live[start]
-        job.flying.pop(start, None)
-        job.tasks_done += count
-        job.durations.append((self.clock() - batch.assigned_at) / count)
+        job = self.jobs[batch.job_id]
+        del job.live[batch.start]
+        job.flying.pop(batch.start, None)
+        job.replicas.pop(batch.start, None)
+        job.tasks_done += batch.count
+        job.durations.append((self.clock() - batch.assigned_at) / batch.count)
         batch.payload = b""
+        self._refresh_runnable(job)
         return Completion(batch, others)
 
     def hand_back(self, worker_id: str, job_id: int, start: int, count: int) -> None:
@@ -419,9 +509,7 @@ class Scheduler:
         if batch is None or worker is None or worker_id not in batch.holders:
             return
         self._release(worker, batch.key)
-        batch.holders.discard(worker_id)
-        if not batch.holders:
-            self._requeue(batch, strike=False, reason="")
+        self._drop_copy(batch, worker_id, strike=False, reason="")
 
     def crashed(self, worker_id: str, job_id: int, start: int, count: int, reason: str) -> Failure | None:
         """The process running a batch died while the worker lived: a strike, as for a lost worker."""
@@ -430,10 +518,7 @@ class Scheduler:
         if batch is None or worker is None or worker_id not in batch.holders:
             return None
         self._release(worker, batch.key)
-        batch.holders.discard(worker_id)
-        if batch.holders:
-            return None
-        return self._requeue(batch, strike=True, reason=reason)
+        return self._drop_copy(batch, worker_id, strike=True, reason=reason)
 
     # -- assignment ------------------------------------------------------------------------------------------
 
@@ -531,6 +616,10 @@ class Scheduler:
             if worker.batches and waiting:
                 return None
             self._reserved = None
+        for job in eligible:
+            for batch in job.replicas.values():
+                if self._may_copy(worker, batch) and not (batch.suspect and worker.batches):
+                    return batch
         if not worker.batches:
             for job in waiting:
                 return self._pop(job, job.suspects)
@@ -545,6 +634,17 @@ class Scheduler:
                 return self._pop(job, job.queue)
         return None
 
+    def _may_copy(self, worker: Worker, batch: Batch) -> bool:
+        """Whether ``worker`` may take (another copy of) ``batch``: not one it holds or answered, not on a host
+        that has it while enough hosts are connected, and the last copy of a spot check only if trusted."""
+        if batch.copies == 1:
+            return True
+        if worker.id in batch.holders or worker.id in batch.answered:
+            return False
+        if len(self._hosts) >= batch.copies and worker.host in batch.hosts.values():
+            return False
+        return not (batch.spot_check and not batch.trusted_by and not worker.trusted and batch.pending <= 1)
+
     def _idle_worker_for(self, job: Job) -> bool:
         return any(can_run(self.workers[w], job) for w in self._idle())
 
@@ -554,17 +654,23 @@ class Scheduler:
 
     def _pop(self, job: Job, queue: deque[Batch]) -> Batch:
         batch = queue.popleft()
-        if not job.has_queued:
-            self._runnable.remove(job.id)
+        self._refresh_runnable(job)
         return batch
+
+    def _refresh_runnable(self, job: Job) -> None:
+        if not job.has_queued and job.id in self._runnable:
+            self._runnable.remove(job.id)
 
     def _assign(self, worker: Worker, batch: Batch) -> Assignment:
         if batch.state is State.QUEUED:  # a speculative second copy keeps the first copy's start time
             batch.assigned_at = self.clock()
-            if not batch.suspect and not batch.speculated:
+            if not batch.suspect and not batch.speculated and batch.copies == 1:
                 self.jobs[batch.job_id].flying[batch.start] = batch
         _move(batch, Event.ASSIGN)
         batch.holders.add(worker.id)
+        batch.hosts[worker.id] = worker.host
+        if worker.trusted:
+            batch.trusted_by.add(worker.id)
         batch.attempts += 1
         worker.batches[batch.key] = batch
         if batch.suspect:
@@ -574,6 +680,11 @@ class Scheduler:
         if ship:
             worker.jobs.add(batch.job_id)
             self._holders.setdefault(batch.job_id, set()).add(worker.id)
+        job = self.jobs[batch.job_id]
+        if batch.pending > 0:
+            self._offer_copy(batch)
+        elif job.replicas.pop(batch.start, None) is not None:
+            self._refresh_runnable(job)
         return Assignment(worker.id, batch, ship)
 
     # -- internals -------------------------------------------------------------------------------------------
@@ -602,6 +713,29 @@ class Scheduler:
             load = len(worker.batches) / worker.slots
             self._by_load.setdefault(load, {})[worker.id] = None
             self._free[worker.id] = load
+
+    def _offer_copy(self, batch: Batch) -> None:
+        """An assigned batch wants another copy: let free workers find it."""
+        job = self.jobs[batch.job_id]
+        job.replicas[batch.start] = batch
+        self._mark_runnable(job)
+
+    def _drop_copy(self, batch: Batch, worker_id: str, strike: bool, reason: str) -> Failure | None:
+        """One copy of ``batch`` stopped without results (lost, crashed, handed back)."""
+        batch.holders.discard(worker_id)
+        batch.hosts.pop(worker_id, None)
+        batch.trusted_by.discard(worker_id)
+        if batch.answered:  # a replicated batch with answers stays assigned, waiting for another copy
+            self._offer_copy(batch)
+            return None
+        if batch.holders:  # another copy still runs
+            if batch.copies > 1:
+                self._offer_copy(batch)
+            return None
+        job = self.jobs[batch.job_id]
+        if job.replicas.pop(batch.start, None) is not None:
+            self._refresh_runnable(job)
+        return self._requeue(batch, strike, reason)
 
     def _requeue(self, batch: Batch, strike: bool, reason: str) -> Failure | None:
         job = self.jobs[batch.job_id]
@@ -649,4 +783,4 @@ def _split(batch: Batch) -> Iterable[Batch]:
     """Cut a batch into single-task batches, keeping its strikes."""
     for offset, payload in enumerate(split_payload(batch.payload, batch.count)):
         yield Batch(batch.job_id, batch.start + offset, 1, payload, strikes=batch.strikes,
-                    last_loss=batch.last_loss)
+                    last_loss=batch.last_loss, copies=batch.copies, spot_check=batch.spot_check)

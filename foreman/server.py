@@ -30,6 +30,8 @@ from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
 from foreman.serialization import ENV_FINGERPRINT
 from foreman.stored import StoredJob
+from foreman.trust import Trust
+from foreman.validation import Policy
 
 if TYPE_CHECKING:
     from foreman.http import HttpServer
@@ -69,6 +71,8 @@ class _JobRecord:
     sink: JobSink
     task_timeout: float | None = None
     started: bool = False
+    validation: Policy | None = None  # redundancy / spot checks; None: the first result is taken
+    wants_gpu: bool = False  # asked for a GPU (credit counts GPU-seconds)
 
 
 @dataclass(eq=False)
@@ -146,6 +150,7 @@ class ForemanServer:
         self.closing = False
         self.fleet = Fleet()
         self.checkpoints: dict[int, dict[int, bytes]] = {}  # job -> task -> latest saved state (pickled)
+        self.trust = Trust(self)
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -231,12 +236,15 @@ class ForemanServer:
                 total: int | None = None, requires: frozenset[str] = frozenset(),
                 resources: dict[str, float] | None = None, priority: int = 0,
                 task_timeout: float | None = None, owner: str = "", job_id: int | None = None,
-                held_until: float = 0.0) -> int:
+                held_until: float = 0.0, validation: Policy | None = None) -> int:
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be > 0")
         job = self.scheduler.add_job(ENV_FINGERPRINT, frozenset(requires), resources, priority, owner, job_id,
-                                     held_until)
-        self.jobs[job.id] = _JobRecord(job.id, digest, function, call, sink, task_timeout)
+                                     held_until, validation.redundancy if validation else 1,
+                                     validation.spot_check if validation else 0.0)
+        wants_gpu = bool(requires & {"gpu", "cuda"}) or (resources or {}).get("gpu", 0) > 0
+        self.jobs[job.id] = _JobRecord(job.id, digest, function, call, sink, task_timeout, validation=validation,
+                                       wants_gpu=wants_gpu)
         self.fleet.job_added(time.time(), job.id, name, total)
         return job.id
 
@@ -390,7 +398,9 @@ class ForemanServer:
         peer = Peer(worker_id, ws, hello, principal)
         self.peers[worker_id] = peer
         capabilities, resources = describe_worker(hello)
-        self.scheduler.add_worker(worker_id, hello["concurrency"], _env_of(hello), capabilities, resources)
+        self.scheduler.add_worker(worker_id, hello["concurrency"], _env_of(hello), capabilities, resources,
+                                  str(hello.get("hostname") or ""), principal.trusted,
+                                  self.trust.reputation.barred(worker_id))
         self.fleet.worker_joined(time.time(), worker_id, hello, _format_address(address))
         self.journal.worker_joined(worker_id, principal.name, _format_address(address))
         self._adopt(worker_id, hello.get("holding") if hello.get("foreman_session") == self.session else None)
@@ -492,10 +502,15 @@ class ForemanServer:
     def _on_results(self, peer: Peer, header: dict[str, Any], payload: memoryview | bytes) -> None:
         job_id, start, count, status = header["job"], header["start"], header["count"], header["status"]
         scheduler = self.scheduler
-        if status == protocol.STATUS_OK:
+        record = self.jobs.get(job_id)
+        if status == protocol.STATUS_OK and record is not None and record.validation is not None:
+            self.trust.answer(peer, record, header, payload)
+            self._maybe_finish(job_id)
+        elif status == protocol.STATUS_OK:
             done = scheduler.complete(peer.worker_id, job_id, start, count, holders_only=not self.trust_workers)
             if done is not None:
                 record = self.jobs[job_id]
+                self.trust.credit(peer.worker_id, record, count, self.trust.report(peer, header))
                 for other in done.cancel_on:
                     if other in self.peers:
                         self.peers[other].send(protocol.encode(Kind.CANCEL, {"job": job_id, "start": start}))
@@ -538,6 +553,7 @@ class ForemanServer:
         record = self.jobs.pop(job_id)
         self._waiting_logged.discard(job_id)
         self.checkpoints.pop(job_id, None)
+        self.trust.forget_job(job_id)
         self.fleet.job_finished(time.time(), job_id, job.cancelled)
         for worker_id in self.scheduler.forget_job(job_id):
             peer = self.peers.get(worker_id)

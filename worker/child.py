@@ -5,9 +5,10 @@ Requests (from the parent, by ``Connection.send``):
 task_timeout or None, saved checkpoints by task index or None)``.
 While a batch runs, a task may send ``b"C" + <u64 task index> + <pickled state>`` (see :mod:`worker.checkpoints`).
 Replies (``send_bytes``): ``b"N"`` when the function for ``digest`` must be sent again, or
-``b"R" + <u32 n> + <n bytes: JSON summary of failed tasks, empty when none> + <pickled results and errors>``.
-The summary (``{"failed": count, "errors": [[index, type, message], ...]}``, at most :data:`MAX_ERRORS_SUMMARY`
-entries) lets the foreman list failures without unpickling anything.
+``b"R" + <u32 n> + <n bytes: JSON summary> + <pickled results and errors>``.
+The summary (``{"failed": count, "errors": [[index, type, message], ...], "cpu": seconds}``, at most
+:data:`MAX_ERRORS_SUMMARY` error entries) lets the foreman list failures without unpickling anything; ``cpu`` is
+the CPU time (user + system) this process spent on the batch, for credit.
 """
 
 from __future__ import annotations
@@ -88,19 +89,20 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
         functions.move_to_end(digest)
         items = _load(payload, "the batch's arguments")
         failure = next((x for x in (fn, items) if isinstance(x, _LoadFailure)), None)
+        cpu = time.process_time()
         if failure is not None:
             results, errors = [None] * count, {i: failure.entry for i in range(count)}
         else:
             guard.for_job(task_timeout)
             results, errors = run_batch(fn, call, items, guard, start, conn, resume)
-        summary = _summarise(errors) if errors else b""
+        summary = _summarise(errors, time.process_time() - cpu)
         conn.send_bytes(b"R" + _COUNT.pack(len(summary)) + summary + dumps_results(results, errors))
 
 
-def _summarise(errors: dict[int, ErrorEntry]) -> bytes:
+def _summarise(errors: dict[int, ErrorEntry], cpu: float) -> bytes:
     described = [[index, type_name, message[:300]]
                  for index, (_, type_name, message, _) in itertools.islice(errors.items(), MAX_ERRORS_SUMMARY)]
-    return json.dumps({"failed": len(errors), "errors": described}).encode()
+    return json.dumps({"failed": len(errors), "errors": described, "cpu": round(cpu, 6)}).encode()
 
 
 class _LoadFailure:

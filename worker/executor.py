@@ -64,6 +64,7 @@ class Outcome:
     elapsed: float = 0.0
     error: str = ""
     errors: list[list[Any]] = field(default_factory=list)  # [index, type, message] of failed tasks (capped)
+    cpu: float = 0.0  # CPU seconds the task process spent on it
 
 
 class Executor:
@@ -243,7 +244,8 @@ class _Slot:
         size = _COUNT.unpack_from(reply, 1)[0]
         start = 1 + _COUNT.size
         summary = json.loads(reply[start:start + size]) if size else {"failed": 0, "errors": []}
-        return Outcome(item, STATUS_OK, reply[start + size:], summary["failed"], elapsed, errors=summary["errors"])
+        return Outcome(item, STATUS_OK, reply[start + size:], summary["failed"], elapsed, errors=summary["errors"],
+                       cpu=summary.get("cpu", 0.0))
 
     def _ask(self, item: WorkItem, child_has_function: bool) -> bytes:
         assert self.conn is not None

@@ -495,7 +495,7 @@ class Worker:
     def _send_outcome(self, outcome: Outcome) -> None:
         item = outcome.item
         header = {"job": item.job_id, "start": item.start, "count": item.count, "status": outcome.status,
-                  "elapsed": outcome.elapsed, "failed": outcome.failed}
+                  "elapsed": outcome.elapsed, "failed": outcome.failed, "cpu": outcome.cpu}
         if outcome.error:
             header["error"] = outcome.error
         if outcome.errors:
