@@ -4,7 +4,7 @@ A FastAPI app served by uvicorn on the foreman's own event loop, so handlers rea
 Imported only when the dashboard is enabled: a worker never imports it.
 
 Access: with no token, everything is open (keep the foreman on loopback then). With tokens, control endpoints
-(restart, cancel) always need an admin or client token (see :mod:`foreman.auth`; a worker token is not enough),
+(restart, cancel, ban) always need an admin or client token (see :mod:`foreman.auth`; a worker token is not enough),
 and so does everything else for clients that are not on loopback. A token is accepted as
 ``Authorization: Bearer <token>``, or as the cookie set by the ``login`` form.
 """
@@ -120,6 +120,27 @@ def create_app(server: ForemanServer) -> FastAPI:
             raise HTTPException(404, f"no worker {worker_id!r} is connected")
         return {"worker": worker_id, "restart": "hard" if hard else "soft", "sent": True}
 
+    @app.post("/api/workers/{worker_id}/ban")
+    async def ban_worker(worker_id: str, request: Request, reason: str = "") -> dict[str, Any]:
+        """The worker gets no more work (also after reconnecting) until unbanned."""
+        require_control(request)
+        server.trust.ban(worker_id, reason[:200])
+        return {"worker": worker_id, "banned": True, "reputation": server.trust.reputation.to_json(worker_id)}
+
+    @app.post("/api/workers/{worker_id}/unban")
+    async def unban_worker(worker_id: str, request: Request) -> dict[str, Any]:
+        """Lift a ban or a quarantine."""
+        require_control(request)
+        if not server.trust.unban(worker_id):
+            raise HTTPException(409, f"worker {worker_id!r} is neither banned nor quarantined")
+        return {"worker": worker_id, "banned": False, "reputation": server.trust.reputation.to_json(worker_id)}
+
+    @app.get("/api/leaderboard")
+    async def leaderboard(request: Request) -> dict[str, Any]:
+        """Credit by volunteer and by worker: tasks, CPU-seconds, GPU-seconds, validated results."""
+        require_read(request)
+        return server.trust.ledger.leaderboard()
+
     @app.get("/api/jobs")
     async def list_jobs(request: Request) -> list[dict[str, Any]]:
         require_read(request)
@@ -231,6 +252,8 @@ class _Metrics:
         yield CounterMetricFamily("crowdcompute_duplicates_dropped", "Results dropped as duplicate or stale",
                                   totals["duplicates_dropped"])
         yield CounterMetricFamily("crowdcompute_workers_lost", "Workers declared lost", totals["workers_lost"])
+        yield CounterMetricFamily("crowdcompute_replicas_added", "Extra replicas run after disagreeing results",
+                                  totals["replicas_added"])
         traffic = CounterMetricFamily("crowdcompute_bytes", "WebSocket payload bytes", labels=["direction"])
         traffic.add_metric(["in"], totals["bytes_in"])
         traffic.add_metric(["out"], totals["bytes_out"])

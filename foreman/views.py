@@ -17,12 +17,19 @@ if TYPE_CHECKING:
 #: Finished jobs shown in a snapshot (the API lists all that are kept).
 RECENT_JOBS = 20
 RECENT_EVENTS = 60
+#: Volunteers and workers shown on the dashboard's leaderboard (the API lists all).
+LEADERS = 20
 
 
 def worker_view(server: ForemanServer, record: WorkerRecord) -> dict[str, Any]:
     live = server.scheduler.workers.get(record.id) if record.left_at is None else None
     running = sum(batch.count for batch in live.batches.values()) if live else 0
-    return record.to_json(time.time(), running)
+    view = record.to_json(time.time(), running)
+    peer = server.peers.get(record.id)
+    view["volunteer"] = peer.principal.name if peer else server.trust.ledger.volunteer_of.get(record.id)
+    view["trusted"] = bool(live and live.trusted)
+    view["reputation"] = server.trust.reputation.to_json(record.id)
+    return view
 
 
 def job_view(server: ForemanServer, record: JobRecord) -> dict[str, Any]:
@@ -64,7 +71,7 @@ def totals(server: ForemanServer) -> dict[str, Any]:
         "workers_connected": len(scheduler.workers), "slots": scheduler.slots, "jobs_running": len(fleet.jobs),
         "tasks_done": fleet.tasks_done, "tasks_failed": fleet.tasks_failed, "tasks_queued": queued,
         "reassigned": scheduler.reassigned, "duplicates_dropped": scheduler.duplicates_dropped,
-        "workers_lost": scheduler.workers_lost, "bytes_in": server.bytes_in, "bytes_out": server.bytes_out,
+        "workers_lost": scheduler.workers_lost, "replicas_added": scheduler.replicas_added, "bytes_in": server.bytes_in, "bytes_out": server.bytes_out,
     }
 
 
@@ -74,5 +81,5 @@ def snapshot(server: ForemanServer) -> dict[str, Any]:
     return {
         "time": time.time(), "address": server.address, "totals": totals(server), "workers": workers(server),
         "jobs": jobs(server, RECENT_JOBS), "series": list(fleet.series),
-        "events": list(fleet.events)[-RECENT_EVENTS:],
+        "events": list(fleet.events)[-RECENT_EVENTS:], "leaderboard": server.trust.ledger.leaderboard(LEADERS),
     }

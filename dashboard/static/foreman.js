@@ -33,6 +33,31 @@ function renderJobs(jobs) {
       <td class="mono">${escapeHtml(f.worker ?? "–")}</td></tr>`).join("")}</tbody></table></details>`).join("");
 }
 
+function trust(w) {
+  const r = w.reputation;
+  const state = r.state !== "ok" ? r.state : w.trusted ? "trusted" : "ok";
+  const score = r.score == null ? "unchecked" : `${r.agreements}✓ ${r.disagreements}✗ ${r.errors}!`;
+  return `<span class="pill pill-${state}" title="${escapeHtml(r.reason || "agreed / disagreed / errors")}">${state}</span>
+      <span class="muted" title="agreed / disagreed / unusable results">${score}</span>`;
+}
+
+function banButton(w) {
+  const barred = w.reputation.state !== "ok";
+  return `<button class="${barred ? "" : "danger"}" data-${barred ? "unban" : "ban"}="${escapeHtml(w.id)}">
+      ${barred ? "Unban" : "Ban"}</button>`;
+}
+
+function renderLeaders(board) {
+  const n = x => formatNumber(x);
+  if (board.volunteers.length) $("leaders-volunteers").innerHTML = board.volunteers.map(v => `<tr
+      data-volunteer="${escapeHtml(v.volunteer)}"><td>${escapeHtml(v.volunteer)}</td><td class="num">${n(v.validated)}</td>
+      <td class="num">${n(v.tasks)}</td><td class="num">${n(v.cpu_seconds)}</td><td class="num">${n(v.gpu_seconds)}</td></tr>`).join("");
+  if (board.workers.length) $("leaders-workers").innerHTML = board.workers.map(w => `<tr
+      data-leader="${escapeHtml(w.worker)}"><td class="mono">${escapeHtml(w.worker)}</td><td>${escapeHtml(w.volunteer ?? "–")}</td>
+      <td class="num">${n(w.validated)}</td><td class="num">${n(w.tasks)}</td><td class="num">${n(w.cpu_seconds)}</td>
+      <td class="num">${n(w.gpu_seconds)}</td></tr>`).join("");
+}
+
 function renderWorkers(workers) {
   if (!workers.length) return;
   $("workers").innerHTML = workers.map(w => {
@@ -50,8 +75,9 @@ function renderWorkers(workers) {
       <td>${escapeHtml((w.capabilities || []).join(", ") || "–")}</td>
       <td class="num">${w.tasks_done}</td><td class="num">${w.tasks_failed}</td>
       <td class="num">${w.tasks_running}</td><td class="num">${formatNumber(w.throughput)}</td>
-      <td class="num">${heard}</td>
-      <td>${w.connected ? `<button data-restart="${escapeHtml(w.id)}">Restart</button>` : escapeHtml(w.left_reason)}</td></tr>`;
+      <td class="num">${heard}</td><td class="trust">${trust(w)}</td>
+      <td>${w.connected ? `<button data-restart="${escapeHtml(w.id)}">Restart</button> ${banButton(w)}`
+                        : escapeHtml(w.left_reason)}</td></tr>`;
   }).join("");
 }
 
@@ -76,10 +102,20 @@ function render(s) {
   renderJobs(s.jobs);
   renderWorkers(s.workers);
   renderEvents(s.events);
+  renderLeaders(s.leaderboard);
 }
 
 document.addEventListener("click", async ev => {
   const cancel = ev.target.dataset.cancel, restart = ev.target.dataset.restart;
+  const ban = ev.target.dataset.ban, unban = ev.target.dataset.unban;
+  if (ban && confirm(`Ban worker ${ban}? It gets no more work, also after reconnecting.`)) {
+    const r = await control(`api/workers/${encodeURIComponent(ban)}/ban`);
+    if (!r.ok) alert(`Ban failed: ${r.status} ${(await r.json()).detail}`);
+  }
+  if (unban) {
+    const r = await control(`api/workers/${encodeURIComponent(unban)}/unban`);
+    if (!r.ok) alert(`Unban failed: ${r.status} ${(await r.json()).detail}`);
+  }
   if (cancel && confirm(`Cancel job ${cancel}? Queued tasks will not run; running ones are stopped.`)) {
     const r = await control(`api/jobs/${cancel}/cancel`);
     if (!r.ok) alert(`Cancel failed: ${r.status} ${(await r.json()).detail}`);
