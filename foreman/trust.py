@@ -80,12 +80,17 @@ class Trust:
                 self.bar(worker_id, self.reputation.barred(worker_id))
             server.scheduler.add_copies(batch, 1)
             return
-        candidates = self._candidates.setdefault(batch.key, [])
-        candidates.append(Candidate(worker_id, results, errors, peer.principal.trusted))
+        self._candidates.setdefault(batch.key, []).append(Candidate(worker_id, results, errors,
+                                                                    peer.principal.trusted))
         self._reports.setdefault(batch.key, {})[worker_id] = self.report(peer, header)
+        self._judge(record, batch)
+
+    def _judge(self, record: _JobRecord, batch: Batch) -> None:
+        """Ask for the verdict on a batch's candidates so far, and act on it."""
+        server, candidates = self.server, self._candidates[batch.key]
         assert record.validation is not None
         verdict = decide(record.validation, candidates, batch.count, batch.copies - len(batch.answered),
-                         batch.spot_check, batch.start, server.trust_workers)
+                         len(batch.holders), batch.spot_check, batch.start, server.trust_workers)
         if verdict.more:
             server.scheduler.add_copies(batch, verdict.more)
             server.fleet.event(time.time(), "replica", f"job {record.id} tasks {batch.start}-"
@@ -163,12 +168,16 @@ class Trust:
             peer = server.peers.get(worker_id)
             if peer is not None:
                 peer.send(protocol.encode(Kind.CANCEL, {"job": batch.job_id, "start": batch.start}))
+            record = server.jobs.get(batch.job_id)
+            if record is not None and batch.key in self._candidates:
+                self._judge(record, batch)  # a spot check's trusted answer may now stand alone
+                server._maybe_finish(batch.job_id)
 
     def ban(self, worker_id: str, reason: str = "") -> None:
         """An operator's ban (kept when the worker reconnects, until :meth:`unban`)."""
         self.reputation.ban(worker_id, f"banned by the operator{': ' + reason if reason else ''}")
         self.bar(worker_id, self.reputation.barred(worker_id))
-        self.server._pump()  # noqa: SLF001 - the desk acts for the server
+        self.server._pump()
 
     def unban(self, worker_id: str) -> bool:
         """Lift a ban or a quarantine; False if the worker had neither."""
@@ -177,5 +186,5 @@ class Trust:
         self.server.fleet.event(time.time(), "trust", f"worker {worker_id} may work again")
         if worker_id in self.server.scheduler.workers:
             self.server.scheduler.unbar(worker_id)
-            self.server._pump()  # noqa: SLF001 - the desk acts for the server
+            self.server._pump()
         return True

@@ -6,7 +6,8 @@ a *candidate*. :func:`decide` looks at the candidates of one batch and says, per
 - two outcomes *agree* when both are values and the job's ``comparator(a, b)`` says so (default: same type and
   ``==``, or failing that the same pickled bytes, so NaN agrees with NaN and numpy arrays compare whole), or both
   are errors of the same type and message;
-- a trusted worker's outcome (a spot check) is accepted as it is, and the others must agree with it;
+- a trusted worker's outcome (a spot check) is accepted as it is, and the others must agree with it (the verdict
+  waits for copies still running, so that they are checked too);
 - otherwise an outcome given by ``quorum`` candidates is accepted.
 
 When a task has no accepted outcome and no copy is still running, another replica is asked for, up to
@@ -99,16 +100,16 @@ def _agree(x: tuple[bool, Any], y: tuple[bool, Any], comparator: Callable[[Any, 
         return False
 
 
-def decide(policy: Policy, candidates: list[Candidate], count: int, outstanding: int, spot_checked: bool,
-           start: int, trusted_loads: bool) -> Verdict:
+def decide(policy: Policy, candidates: list[Candidate], count: int, outstanding: int, running: int,
+           spot_checked: bool, start: int, trusted_loads: bool) -> Verdict:
     """The verdict on a batch of ``count`` tasks (the first is task ``start``) from its ``candidates``, with
-    ``outstanding`` copies still running or waiting for a worker. ``trusted_loads`` rebuilds candidates' errors
-    with full pickle (see :func:`~foreman.serialization.rebuild_exception`)."""
+    ``outstanding`` copies still to answer, ``running`` of them on a worker now. ``trusted_loads`` rebuilds
+    candidates' errors with full pickle (see :func:`~foreman.serialization.rebuild_exception`)."""
     comparator = policy.comparator or same
     verdict = Verdict()
     trusted = [c for c in candidates if c.trusted]
-    if spot_checked and not trusted and outstanding:
-        return verdict  # the trusted copy decides: wait for it
+    if spot_checked and (running if trusted else outstanding):
+        return verdict  # the trusted copy decides: wait for it, and for the copies it checks
     undecided: list[int] = []
     missing = 0
     for offset in range(count):

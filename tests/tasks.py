@@ -129,7 +129,3 @@ def cheat_square(x: int) -> int:
     """``x * x``, except on a worker started with CROWDCOMPUTE_TEST_CHEAT set (a volunteer that lies)."""
     return x * x + 1 if os.environ.get("CROWDCOMPUTE_TEST_CHEAT") else x * x
 
-
-def square_and_worker(x: int) -> tuple[int, int]:
-    """(x * x, pid of the worker process that ran it), cheating as :func:`cheat_square` does."""
-    return cheat_square(x), os.getppid()

@@ -40,7 +40,7 @@ def replicated(copies: int = 2, spot_check: float = 0.0, batches: int = 1) -> tu
 
 
 def test_copies_go_to_distinct_hosts_while_there_are_enough() -> None:
-    scheduler, job_id = replicated(batches=2)
+    scheduler, _ = replicated(batches=2)
     scheduler.add_worker("a1", 2, ENV, host="hostA")
     scheduler.add_worker("a2", 2, ENV, host="hostA")
     scheduler.add_worker("b1", 2, ENV, host="hostB")
@@ -51,7 +51,7 @@ def test_copies_go_to_distinct_hosts_while_there_are_enough() -> None:
 
 
 def test_with_fewer_hosts_than_copies_distinct_workers_suffice() -> None:
-    scheduler, job_id = replicated(copies=2)
+    scheduler, _ = replicated(copies=2)
     scheduler.add_worker("a1", 2, ENV, host="hostA")
     scheduler.add_worker("a2", 2, ENV, host="hostA")
     assert sorted(a.worker_id for a in scheduler.dispatch()) == ["a1", "a2"]
@@ -87,7 +87,7 @@ def test_a_lost_copy_is_placed_again_and_the_answer_is_kept() -> None:
 
 
 def test_a_spot_check_keeps_its_last_copy_for_a_trusted_worker() -> None:
-    scheduler, job_id = replicated(copies=1, spot_check=1.0)
+    scheduler, _ = replicated(copies=1, spot_check=1.0)
     scheduler.add_worker("stranger1", 1, ENV)
     scheduler.add_worker("stranger2", 1, ENV)
     (first,) = scheduler.dispatch()  # the other stranger may not take the trusted copy
@@ -98,7 +98,7 @@ def test_a_spot_check_keeps_its_last_copy_for_a_trusted_worker() -> None:
 
 
 def test_a_barred_worker_gets_no_work_and_hands_back_what_it_held() -> None:
-    scheduler, job_id = replicated(copies=1, batches=3)
+    scheduler, _ = replicated(copies=1, batches=3)
     scheduler.add_worker("mallory", 2, ENV)
     held = scheduler.dispatch()
     assert len(held) == 3  # 2 slots + 2 prefetch
@@ -127,25 +127,25 @@ def candidate(worker: str, *values: object, trusted: bool = False, errors: dict 
 
 
 def test_two_agreeing_replicas_are_accepted() -> None:
-    verdict = decide(POLICY, [candidate("a", 1, 4), candidate("b", 1, 4)], 2, 0, False, 0, True)
+    verdict = decide(POLICY, [candidate("a", 1, 4), candidate("b", 1, 4)], 2, 0, 0, False, 0, True)
     assert verdict.finished and set(verdict.accepted) == {0, 1} and verdict.agreed == ["a", "b"]
 
 
 def test_the_first_replica_waits_for_the_second() -> None:
-    verdict = decide(POLICY, [candidate("a", 1)], 1, 1, False, 0, True)
+    verdict = decide(POLICY, [candidate("a", 1)], 1, 1, 1, False, 0, True)
     assert not verdict.finished and verdict.more == 0
 
 
 def test_disagreement_asks_for_one_more_then_the_majority_wins() -> None:
-    assert decide(POLICY, [candidate("a", 1), candidate("b", 2)], 1, 0, False, 0, True).more == 1
-    verdict = decide(POLICY, [candidate("a", 1), candidate("b", 2), candidate("c", 1)], 1, 0, False, 0, True)
+    assert decide(POLICY, [candidate("a", 1), candidate("b", 2)], 1, 0, 0, False, 0, True).more == 1
+    verdict = decide(POLICY, [candidate("a", 1), candidate("b", 2), candidate("c", 1)], 1, 0, 0, False, 0, True)
     assert verdict.finished and verdict.accepted[0].results == [1]
     assert verdict.agreed == ["a", "c"] and verdict.disagreed == ["b"]
 
 
 def test_no_quorum_within_max_replicas_fails_the_task_with_every_candidate() -> None:
     candidates = [candidate("a", 1, 7), candidate("b", 2, 7), candidate("c", 3, 7)]
-    verdict = decide(POLICY, candidates, 2, 0, False, 10, True)
+    verdict = decide(POLICY, candidates, 2, 0, 0, False, 10, True)
     assert verdict.finished and set(verdict.accepted) == {1}
     error = verdict.failed[0]
     assert isinstance(error, ValidationError) and error.task == 10
@@ -157,22 +157,25 @@ def test_no_quorum_within_max_replicas_fails_the_task_with_every_candidate() -> 
 def test_a_comparator_decides_agreement_of_floats() -> None:
     close = Policy(2, 2, 3, comparator=lambda a, b: math.isclose(a, b, rel_tol=1e-9))
     floats = [candidate("a", 0.1 + 0.2), candidate("b", 0.3)]
-    assert decide(close, floats, 1, 0, False, 0, True).finished
-    assert decide(POLICY, floats, 1, 0, False, 0, True).more == 1
+    assert decide(close, floats, 1, 0, 0, False, 0, True).finished
+    assert decide(POLICY, floats, 1, 0, 0, False, 0, True).more == 1
 
 
 def test_errors_agree_when_type_and_message_match() -> None:
     failing = {0: error_entry(ValueError("bad"))}
     verdict = decide(POLICY, [candidate("a", None, errors=failing), candidate("b", None, errors=dict(failing))],
-                     1, 0, False, 0, True)
+                     1, 0, 0, False, 0, True)
     assert verdict.finished and 0 in verdict.accepted[0].errors
-    assert decide(POLICY, [candidate("a", None, errors=failing), candidate("b", 5)], 1, 0, False, 0, True).more
+    assert decide(POLICY, [candidate("a", None, errors=failing), candidate("b", 5)], 1, 0, 0, False, 0, True).more
 
 
 def test_a_trusted_result_is_the_reference_of_a_spot_check() -> None:
     single = Policy(1, 1, 3, spot_check=1.0)
-    assert not decide(single, [candidate("s", 9)], 1, 1, True, 0, True).finished  # waits for the trusted copy
-    verdict = decide(single, [candidate("s", 9), candidate("lab", 4, trusted=True)], 1, 0, True, 0, True)
+    assert not decide(single, [candidate("s", 9)], 1, 1, 0, True, 0, True).finished  # waits for the trusted copy
+    checking = [candidate("lab", 4, trusted=True)]
+    assert not decide(single, checking, 1, 1, 1, True, 0, True).finished  # and for the copy it checks
+    assert decide(single, checking, 1, 1, 0, True, 0, True).finished  # unless that copy has no worker now
+    verdict = decide(single, [candidate("s", 9), candidate("lab", 4, trusted=True)], 1, 0, 0, True, 0, True)
     assert verdict.accepted[0].worker == "lab" and verdict.disagreed == ["s"]
 
 
