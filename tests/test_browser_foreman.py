@@ -7,7 +7,8 @@ import signal
 import threading
 
 import pytest
-from tasks import slow_whoami
+from conftest import worker_env
+from tasks import cheat_square, slow_whoami
 
 from foreman import Foreman
 
@@ -43,9 +44,6 @@ def test_progress_bar_reaches_100_percent_and_a_killed_worker_shows_lost(browser
 
 
 def test_reputation_leaderboard_and_ban_on_the_dashboard(browser_page, spawn_worker) -> None:
-    from conftest import worker_env
-    from tasks import cheat_square
-
     page = browser_page
     with Foreman(port=0, local_workers=1, heartbeat_interval=0.2, heartbeat_timeout=5) as fm:
         spawn_worker(fm.address, "--worker-id", "stranger", "--no-dashboard",

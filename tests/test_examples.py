@@ -71,3 +71,15 @@ def test_volunteer_prefs_example_pauses_while_the_owner_types_and_resumes_from_t
     assert re.search(r"worker resumed: (idle|busy)", done.stdout)
     first = int(re.search(r"the task counted to 200, resuming from step (\d+) rather than from 0", done.stdout)[1])
     assert 0 < first < 200
+
+
+def test_trusted_results_example() -> None:
+    done = run_example("trusted_results.py")
+    assert "200 results with redundancy=2, all correct: True" in done.stdout
+    assert "harmonic numbers agreed within 1e-12: H(50) ~= 4.499205" in done.stdout
+    assert "spot-checked job: 100 results, 27 takes 111 steps" in done.stdout
+    assert re.search(r"^mallory: quarantined \(0 agreed, \d+ disagreed\)$", done.stdout, re.M)
+    assert re.search(r"^alice: ok \(\d+ agreed, 0 disagreed\)$", done.stdout, re.M)
+    assert re.search(r"^local: trusted \(\d+ agreed, 0 disagreed\)$", done.stdout, re.M)
+    board = dict(re.findall(r"^  (\w+): (\d+) / \d+$", done.stdout, re.M))
+    assert "mallory" not in board and int(board["alice"]) > 0 and int(board["local"]) > 0
