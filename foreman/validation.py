@@ -6,7 +6,7 @@ a *candidate*. :func:`decide` looks at the candidates of one batch and says, per
 - two outcomes *agree* when both are values and the job's ``comparator(a, b)`` says so (default: same type and
   ``==``, or failing that the same pickled bytes, so NaN agrees with NaN and numpy arrays compare whole), or both
   are errors of the same type and message;
-- a trusted worker's outcome (a spot check) is accepted as it is, and the others must agree with it (the verdict
+- in a spot-checked batch, the trusted worker's outcome is accepted as it is, and the others must agree with it (the verdict
   waits for copies still running, so that they are checked too);
 - otherwise an outcome given by ``quorum`` candidates is accepted.
 
@@ -107,7 +107,7 @@ def decide(policy: Policy, candidates: list[Candidate], count: int, outstanding:
     candidates' errors with full pickle (see :func:`~foreman.serialization.rebuild_exception`)."""
     comparator = policy.comparator or same
     verdict = Verdict()
-    trusted = [c for c in candidates if c.trusted]
+    trusted = [c for c in candidates if c.trusted] if spot_checked else []  # else a trusted copy is one vote
     if spot_checked and (running if trusted else outstanding):
         return verdict  # the trusted copy decides: wait for it, and for the copies it checks
     undecided: list[int] = []

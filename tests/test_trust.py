@@ -57,26 +57,34 @@ def test_without_a_quorum_the_task_fails_with_every_candidate(fleet: Foreman) ->
     assert sorted(error.candidates) == [("cheater", 26), ("honest1", 25), ("honest2", 25)]
 
 
-def test_a_ban_from_the_api_stops_a_workers_work(spawn_worker) -> None:
-    def worker_pids() -> set[int]:  # tasks of 20 ms: every idle worker gets some
-        return {pid for _, pid in fm.map(slow_whoami, range(20), [0.02] * 20, chunksize=1)}
+def same_input(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] == b[0]  # (x, pid of the worker): replicas agree on x, their pids differ
 
+
+def test_a_ban_from_the_api_stops_a_workers_work(spawn_worker) -> None:
     with Foreman(port=0, token="admin-secret", heartbeat_interval=0.2, heartbeat_timeout=5) as fm:
         alice, bob = (spawn_worker(fm.address, "--worker-id", name, "--no-dashboard",
                                    env=worker_env(CROWDCOMPUTE_TOKEN="admin-secret")) for name in ("alice", "bob"))
         fm.wait_for_workers(2)
-        assert worker_pids() == {alice.pid, bob.pid}
-        with httpx.Client(base_url=fm.dashboard_url, timeout=10) as api:
-            assert api.post("/api/workers/bob/ban").status_code == 401
-            auth = {"Authorization": "Bearer admin-secret"}
-            banned = api.post("/api/workers/bob/ban", params={"reason": "test"}, headers=auth).json()
+        auth = {"Authorization": "Bearer admin-secret"}
+        with httpx.Client(base_url=fm.dashboard_url, timeout=10, headers=auth) as api:
+            def tasks_of() -> dict[str, int]:
+                return {row["worker"]: row["tasks"] for row in api.get("/api/leaderboard").json()["workers"]}
+
+            # redundancy=2 on two workers: each of them must run every task.
+            fm.map(slow_whoami, range(10), [0.001] * 10, redundancy=2, comparator=same_input)
+            assert tasks_of() == {"alice": 10, "bob": 10}
+            assert httpx.post(f"{fm.dashboard_url}api/workers/bob/ban").status_code == 401
+            banned = api.post("/api/workers/bob/ban", params={"reason": "test"}).json()
             assert banned["reputation"]["state"] == "banned"
-            assert api.get("/api/workers/bob", headers=auth).json()["reputation"]["reason"] == \
-                "banned by the operator: test"
-            assert worker_pids() == {alice.pid}
-            assert api.post("/api/workers/bob/unban", headers=auth).json()["reputation"]["state"] == "ok"
-            assert api.post("/api/workers/bob/unban", headers=auth).status_code == 409
-        assert worker_pids() == {alice.pid, bob.pid}
+            assert api.get("/api/workers/bob").json()["reputation"]["reason"] == "banned by the operator: test"
+            assert {pid for _, pid in fm.map(slow_whoami, range(20), [0.01] * 20, chunksize=1)} == {alice.pid}
+            assert tasks_of() == {"alice": 30, "bob": 10}
+            assert api.post("/api/workers/bob/unban").json()["reputation"]["state"] == "ok"
+            assert api.post("/api/workers/bob/unban").status_code == 409
+            fm.map(slow_whoami, range(10), [0.001] * 10, redundancy=2, comparator=same_input)
+            assert tasks_of() == {"alice": 40, "bob": 20}
+        assert bob.poll() is None  # banned, not disconnected
 
 
 def test_a_spot_check_on_a_trusted_local_worker_catches_a_lone_cheater(spawn_worker) -> None:

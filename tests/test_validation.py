@@ -177,6 +177,8 @@ def test_a_trusted_result_is_the_reference_of_a_spot_check() -> None:
     assert decide(single, checking, 1, 1, 0, True, 0, True).finished  # unless that copy has no worker now
     verdict = decide(single, [candidate("s", 9), candidate("lab", 4, trusted=True)], 1, 0, 0, True, 0, True)
     assert verdict.accepted[0].worker == "lab" and verdict.disagreed == ["s"]
+    outside = decide(POLICY, [candidate("lab", 4, trusted=True)], 1, 1, 1, False, 0, True)
+    assert not outside.finished  # outside a spot check, a trusted copy is one vote of the quorum
 
 
 def test_same_handles_nan_type_and_arrays() -> None:
