@@ -38,7 +38,7 @@ def test_progress_bar_reaches_100_percent_and_a_killed_worker_shows_lost(browser
         victim_id = f"local-{os.getpid()}-0"
         os.kill(victim.pid, signal.SIGKILL)
         worker_row = page.locator(f'tr[data-worker="{victim_id}"]')
-        playwright.expect(worker_row.locator(".pill").first).to_have_text("lost", timeout=15_000)
+        playwright.expect(worker_row.locator(".pill")).to_have_text("lost", timeout=15_000)
         playwright.expect(worker_row).to_have_class("gone", timeout=5_000)
         playwright.expect(page.locator("#events")).to_contain_text(f"worker {victim_id} lost", timeout=5_000)
 
@@ -54,16 +54,16 @@ def test_reputation_leaderboard_and_ban_on_the_dashboard(browser_page, spawn_wor
         assert fm.map(cheat_square, range(12), spot_check=1.0, chunksize=1) == [x * x for x in range(12)]
 
         stranger = page.locator('tr[data-worker="stranger"]')
-        playwright.expect(stranger.locator(".trust .pill")).to_have_text("quarantined", timeout=10_000)
+        playwright.expect(stranger.locator(".trust .badge")).to_have_text("quarantined", timeout=10_000)
         playwright.expect(stranger.locator(".trust")).to_contain_text("0✓")
         local = page.locator('#workers tr[data-worker^="local-"]')
-        playwright.expect(local.locator(".trust .pill")).to_have_text("trusted")
+        playwright.expect(local.locator(".trust .badge")).to_have_text("trusted")
         playwright.expect(page.locator('#leaders-volunteers tr[data-volunteer="local"] td').nth(2)).to_have_text("12")  # tasks
         playwright.expect(page.locator('#leaders-workers tr[data-leader="stranger"]')).to_have_count(0)
 
         stranger.locator("button[data-unban]").click()
-        playwright.expect(stranger.locator(".trust .pill")).to_have_text("ok", timeout=10_000)
+        playwright.expect(stranger.locator(".trust .badge")).to_have_text("ok", timeout=10_000)
         page.once("dialog", lambda dialog: dialog.accept())  # "Ban worker stranger? ..."
         stranger.locator("button[data-ban]").click()
-        playwright.expect(stranger.locator(".trust .pill")).to_have_text("banned", timeout=10_000)
+        playwright.expect(stranger.locator(".trust .badge")).to_have_text("banned", timeout=10_000)
         playwright.expect(page.locator("#events")).to_contain_text("worker stranger banned by the operator")

@@ -37,7 +37,7 @@ function trust(w) {
   const r = w.reputation;
   const state = r.state !== "ok" ? r.state : w.trusted ? "trusted" : "ok";
   const score = r.score == null ? "unchecked" : `${r.agreements}✓ ${r.disagreements}✗ ${r.errors}!`;
-  return `<span class="pill pill-${state}" title="${escapeHtml(r.reason || "agreed / disagreed / errors")}">${state}</span>
+  return `<span class="badge badge-${state}" title="${escapeHtml(r.reason || "agreed / disagreed / errors")}">${state}</span>
       <span class="muted" title="agreed / disagreed / unusable results">${score}</span>`;
 }
 
