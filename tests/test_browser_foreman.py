@@ -7,10 +7,10 @@ import signal
 import threading
 
 import pytest
-from conftest import worker_env
-from tasks import cheat_square, slow_whoami
 
+from conftest import worker_env
 from foreman import Foreman
+from tasks import cheat_square, slow_whoami
 
 playwright = pytest.importorskip("playwright.sync_api")
 
