@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import worker_env
-from tasks import cheat_square, slow_whoami
 
+from conftest import worker_env
 from foreman import Foreman
 from foreman.errors import ValidationError
+from tasks import cheat_square, slow_whoami
 
 CHEAT = {"CROWDCOMPUTE_TEST_CHEAT": "1"}
 
@@ -99,3 +99,11 @@ def test_a_spot_check_on_a_trusted_local_worker_catches_a_lone_cheater(spawn_wor
         stranger = workers["stranger"]
         assert not stranger["trusted"] and stranger["reputation"]["disagreements"] >= 4
         assert stranger["reputation"]["state"] == "quarantined"
+
+
+def test_validation_is_refused_where_it_would_be_silently_dropped() -> None:
+    with Foreman(port=0, dashboard=False) as fm:
+        with pytest.raises(ValueError, match="not available for detached jobs"):
+            fm.submit_job(cheat_square, range(3), redundancy=2)
+        with pytest.raises(ValueError, match="quorum must be an int from 1 to redundancy"):
+            fm.map(cheat_square, range(3), redundancy=2, quorum=3)
