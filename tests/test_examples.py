@@ -78,8 +78,8 @@ def test_trusted_results_example() -> None:
     assert "200 results with redundancy=2, all correct: True" in done.stdout
     assert "harmonic numbers agreed within 1e-12: H(50) ~= 4.499205" in done.stdout
     assert "spot-checked job: 100 results, 27 takes 111 steps" in done.stdout
-    assert re.search(r"^mallory: quarantined \(0 agreed, \d+ disagreed\)$", done.stdout, re.M)
-    assert re.search(r"^alice: ok \(\d+ agreed, 0 disagreed\)$", done.stdout, re.M)
-    assert re.search(r"^local: trusted \(\d+ agreed, 0 disagreed\)$", done.stdout, re.M)
-    board = dict(re.findall(r"^  (\w+): (\d+) / \d+$", done.stdout, re.M))
+    assert re.search(r"^mallory: quarantined \(0 agreed, \d+ disagreed\)$", done.stdout, re.MULTILINE)
+    assert re.search(r"^alice: ok \(\d+ agreed, 0 disagreed\)$", done.stdout, re.MULTILINE)
+    assert re.search(r"^local: trusted \(\d+ agreed, 0 disagreed\)$", done.stdout, re.MULTILINE)
+    board = dict(re.findall(r"^  (\w+): (\d+) / \d+$", done.stdout, re.MULTILINE))
     assert "mallory" not in board and int(board["alice"]) > 0 and int(board["local"]) > 0

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from conftest import worker_env
+from tasks import cheat_square, slow_whoami
+
 from foreman import Foreman
 from foreman.errors import ValidationError
-from tasks import cheat_square, slow_whoami
 
 CHEAT = {"CROWDCOMPUTE_TEST_CHEAT": "1"}
 
