@@ -140,6 +140,7 @@ class Journal:
             self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             self.db.execute("PRAGMA journal_size_limit=67108864")
         self.db.executescript(SCHEMA)
+        self._saved: dict[str, str] = {}  # name -> the JSON last written by save_state
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -264,6 +265,23 @@ class Journal:
                                " WHERE job = ? AND seq > ? ORDER BY seq", (job_id, after)).fetchall()
         for row in rows:
             yield Output(*row[:5], bytes(row[5]), *row[6:])
+
+    # -- state of other parts --------------------------------------------------------------------------------
+
+    def save_state(self, name: str, state: dict[str, Any]) -> None:
+        """Keep a part's JSON-able state (the credit ledger, reputations) under ``name``; written only when it
+        changed since the last save."""
+        text = json.dumps(state, sort_keys=True)
+        if self._saved.get(name) != text:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"state:{name}", text))
+            self._saved[name] = text
+
+    def load_state(self, name: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (f"state:{name}",)).fetchone()
+        if row is None:
+            return None
+        self._saved[name] = row[0]
+        return dict(json.loads(row[0]))
 
     # -- workers ---------------------------------------------------------------------------------------------
 

@@ -176,6 +176,7 @@ class ForemanServer:
                                    close_timeout=2, process_request=self._plain_http, ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
         self._resume_stored_jobs()
+        self._load_state()
         self._ticker = asyncio.create_task(self._tick_forever())
         log.info("foreman listening on %s", self.address)
 
@@ -228,6 +229,7 @@ class ForemanServer:
                                  *(client.ws.close(CloseCode.GOING_AWAY, "foreman shutting down")
                                    for client in list(self.clients.peers.values())))
             await self._server.wait_closed()
+        self._save_state()
         self.journal.close()
 
     # -- jobs (called on the loop by the client layer) --------------------------------------------------------
@@ -261,6 +263,21 @@ class ForemanServer:
         stored = self.stored[job_id] = StoredJob(row, self.journal)
         self.add_job(digest, function, call, stored, name, total, owner=owner, job_id=job_id, **placement)
         return stored
+
+    def _persisted_parts(self) -> dict[str, Any]:
+        return {"credit": self.trust.ledger, "reputation": self.trust.reputation}
+
+    def _load_state(self) -> None:
+        """Credit and reputations (bans included) as the journal kept them."""
+        for name, part in self._persisted_parts().items():
+            state = self.journal.load_state(name)
+            if state is not None:
+                part.restore(state)
+
+    def _save_state(self) -> None:
+        if self.journal.persistent:
+            for name, part in self._persisted_parts().items():
+                self.journal.save_state(name, part.snapshot())
 
     def _resume_stored_jobs(self) -> None:
         """Bring back the journal's running jobs after a restart. Their batches wait (``recovery_window``) for
@@ -606,6 +623,7 @@ class ForemanServer:
         self.fleet.sample(time.time())
         self.clients.tick(time.monotonic())
         self.journal.purge()
+        self._save_state()
         revoked = {p.token for p in self.auth.reload_if_changed()}
         for peer in [p for p in self.peers.values() if p.principal.token in revoked]:
             log.warning("worker %s: its token was revoked, disconnecting it", peer.worker_id,

@@ -319,3 +319,16 @@ def test_a_function_from_a_local_module_travels_by_value(service: Service, tmp_p
 
     with connect(service) as fm:
         assert fm.map(script_helpers.shifted, range(5)) == [1000, 1001, 1002, 1003, 1004]
+
+
+def test_credit_and_bans_survive_a_restart(tmp_path: Path) -> None:
+    """The leaderboard and a ban are kept in the journal: a foreman restarted on the same data dir has them."""
+    with Foreman(port=0, local_workers=1, dashboard=False, data_dir=str(tmp_path)) as fm:
+        fm.wait_for_workers(1, timeout=60)
+        assert fm.map(square, range(25)) == [x * x for x in range(25)]
+        fm._call(fm._server.trust.ban, "stranger", "caught cheating")
+        before = fm._call(fm._server.trust.ledger.leaderboard)
+    assert before["volunteers"][0]["tasks"] == 25
+    with Foreman(port=0, dashboard=False, data_dir=str(tmp_path)) as fm:
+        assert fm._call(fm._server.trust.ledger.leaderboard) == before
+        assert fm._call(fm._server.trust.reputation.to_json, "stranger")["state"] == "banned"
