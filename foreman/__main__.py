@@ -5,7 +5,6 @@ fingerprint workers and clients can pin."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys

@@ -13,24 +13,35 @@ import dataclasses
 import logging
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable, Coroutine, Iterable
+from pathlib import Path
 from typing import Any
 
 from foreman import protocol
 from foreman.addresses import is_loopback
+from foreman.aio import AsyncAPI
 from foreman.auth import Authenticator
 from foreman.errors import ForemanClosedError
-from foreman.aio import AsyncAPI
 from foreman.executor import ForemanExecutor
 from foreman.handles import JobHandle, LocalSubscriber
-from foreman.jobs import Job, JobOptions, SubmittedTask, _pickle_fitting
+from foreman.jobs import (
+    Job,
+    JobOptions,
+    SubmittedTask,
+    _pickle_fitting,
+    placement_to_json,
+)
 from foreman.journal import Journal
 from foreman.local import LocalWorkers
 from foreman.remote import RemoteBackend
 from foreman.serialization import dumps_function, ship_by_value
 from foreman.server import ForemanServer
-from foreman.tls import certificate_fingerprint, client_context, parse_fingerprint, server_context
+from foreman.tls import (
+    certificate_fingerprint,
+    client_context,
+    parse_fingerprint,
+    server_context,
+)
 
 log = logging.getLogger("crowdcompute.foreman")
 
@@ -258,9 +269,6 @@ class Foreman(AsyncAPI):
             job_options = dataclasses.replace(self._default_options, **options)
         except TypeError as exc:
             raise TypeError(f"unknown job option: {exc}") from None
-        if job_options.validation() is not None and not isinstance(self._backend, ForemanServer):
-            raise ValueError("redundancy and spot_check need an embedded foreman: a remote client cannot ask "
-                             "for them yet")
         return job_options
 
     # -- detached jobs ---------------------------------------------------------------------------------------
@@ -275,8 +283,7 @@ class Foreman(AsyncAPI):
         self._check_open()
         self._ship(fn)
         job_options = self._options(options)
-        if job_options.validation() is not None:
-            raise ValueError("redundancy and spot_check are not available for detached jobs yet: use map/imap")
+        json_options = placement_to_json(job_options.placement())  # ValueError for a comparator, here
         if not iterables:
             raise TypeError("submit_job() needs at least one iterable")
         call = protocol.CALL_ONE if len(iterables) == 1 else protocol.CALL_STAR
@@ -289,12 +296,12 @@ class Foreman(AsyncAPI):
                   for piece in _pickle_fitting(items[start:start + size], start, limit)]
         handle = JobHandle(self, 0)
         handle.id = self._call(self._open_detached(digest, function, call, name, len(items),
-                                                   job_options.placement(), pieces, handle))
+                                                   job_options.placement(), json_options, pieces, handle))
         return handle
 
     async def _open_detached(self, digest: str, function: bytes, call: str, name: str, total: int,
-                             placement: dict[str, Any], pieces: list[tuple[int, int, bytes]],
-                             handle: JobHandle) -> int:
+                             placement: dict[str, Any], json_options: dict[str, Any],
+                             pieces: list[tuple[int, int, bytes]], handle: JobHandle) -> int:
         if isinstance(self._backend, RemoteBackend):
             backend = self._backend
             job_id = await backend.accepted(backend.add_job(digest, function, call, handle, name, total,
@@ -305,9 +312,7 @@ class Foreman(AsyncAPI):
             await backend.query("job", job=job_id)  # answered after the input before it: the foreman has it all
             return job_id
         server = self._backend
-        options = {"requires": sorted(placement["requires"]), "resources": placement["resources"],
-                   "priority": placement["priority"], "task_timeout": placement["task_timeout"]}
-        stored = server.add_stored_job("admin", name, digest, call, function, options, total, detached=True)
+        stored = server.add_stored_job("admin", name, digest, call, function, json_options, total, detached=True)
         for start, count, payload in pieces:
             stored.add_input(start, count, payload)
             server.add_batch(stored.id, start, count, payload)

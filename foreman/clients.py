@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crowdcompute.foreman")
 
-#: Job options a client may set (the rest of JobOptions acts on the client's side or inside the function).
-PLACEMENT_OPTIONS = frozenset({"requires", "resources", "priority", "task_timeout"})
-
-
 class ClientPeer:
     """One connected client; a :class:`~foreman.stored.Subscriber` of the jobs it attached to."""
 
@@ -172,9 +168,6 @@ class ClientService:
     def _submit(self, peer: ClientPeer, header: dict[str, Any], function: memoryview | bytes) -> None:
         options = header["options"]
         try:
-            unknown = set(options) - PLACEMENT_OPTIONS
-            if unknown:
-                raise ValueError(f"unknown job options {sorted(unknown)}")
             total = header.get("total")
             if total is not None and (type(total) is not int or total < 0):
                 raise ValueError("total must be a count of tasks or null")

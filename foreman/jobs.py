@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any
 from foreman import protocol
 from foreman.errors import SerializationError
 from foreman.retry import Retrying
-from foreman.serialization import dumps_function, dumps_items, loads_results, rebuild_exception
+from foreman.serialization import (
+    dumps_function,
+    dumps_items,
+    loads_results,
+    rebuild_exception,
+)
 from foreman.validation import Policy
 
 if TYPE_CHECKING:
@@ -151,6 +156,49 @@ class JobOptions:
         if validation is not None:
             placement["validation"] = validation
         return placement
+
+
+def placement_to_json(placement: dict[str, Any]) -> dict[str, Any]:
+    """A job's placement (:meth:`JobOptions.placement`) as JSON, for a stored job (SUBMIT, the journal).
+    ValueError for a comparator: it is code, and code from clients never runs in a standalone foreman."""
+    options: dict[str, Any] = {"requires": sorted(placement["requires"]), "resources": dict(placement["resources"]),
+                               "priority": placement["priority"]}
+    if placement["task_timeout"] is not None:
+        options["task_timeout"] = placement["task_timeout"]
+    policy = placement.get("validation")
+    if policy is not None:
+        if policy.comparator is not None:
+            raise ValueError("a comparator is code, and a stored job (a remote client's, or a detached one) cannot "
+                             "send code for the foreman to run: use the default comparison (equal results) or "
+                             "round the results in the task")
+        options.update(redundancy=policy.redundancy, quorum=policy.quorum, max_replicas=policy.max_replicas,
+                       spot_check=policy.spot_check)
+    return options
+
+
+def placement_from_json(options: dict[str, Any]) -> dict[str, Any]:
+    """The placement keywords of ``add_job`` from :func:`placement_to_json`'s JSON, checked as JobOptions checks
+    them (ValueError or TypeError saying what is wrong)."""
+    unknown = set(options) - STORED_OPTIONS
+    if unknown:
+        raise ValueError(f"unknown job options {sorted(unknown)}")
+    requires = options.get("requires", [])
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        raise ValueError("requires must be a list of capability names")
+    resources = options.get("resources", {})
+    if not isinstance(resources, dict) or not all(isinstance(v, (int, float)) for v in resources.values()):
+        raise ValueError("resources must map names to numbers")
+    if type(options.get("priority", 0)) is not int:
+        raise ValueError("priority must be an integer")
+    task_timeout = options.get("task_timeout")
+    if task_timeout is not None and not isinstance(task_timeout, (int, float)):
+        raise ValueError("task_timeout must be a number of seconds")
+    return JobOptions(**{**options, "requires": frozenset(requires)}).placement()
+
+
+#: The options a stored job keeps as JSON (the rest act in the client, or inside the shipped function).
+STORED_OPTIONS = frozenset({"requires", "resources", "priority", "task_timeout", "redundancy", "quorum",
+                            "max_replicas", "spot_check"})
 
 
 class Job:

@@ -28,11 +28,18 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from foreman import protocol, tls
-from foreman.errors import AuthenticationError, ForemanClosedError, ProtocolError, rebuild_failure
-from foreman.protocol import CloseCode, Kind
+from foreman.errors import (
+    AuthenticationError,
+    ForemanClosedError,
+    ProtocolError,
+    rebuild_failure,
+)
+from foreman.jobs import placement_to_json
+from foreman.protocol import Kind
 
 if TYPE_CHECKING:
     from foreman.server import JobSink
+    from foreman.validation import Policy
 
 log = logging.getLogger("crowdcompute.client")
 
@@ -231,16 +238,15 @@ class RemoteBackend:
     def add_job(self, digest: str, function: bytes, call: str, sink: JobSink, name: str = "?",
                 total: int | None = None, requires: frozenset[str] = frozenset(),
                 resources: dict[str, float] | None = None, priority: int = 0, task_timeout: float | None = None,
-                detached: bool = False) -> int:
+                detached: bool = False, validation: Policy | None = None) -> int:
+        placement = {"requires": requires, "resources": resources or {}, "priority": priority,
+                     "task_timeout": task_timeout, "validation": validation}
+        options = placement_to_json(placement)  # before anything is sent: ValueError for a comparator
         self._refs += 1
         ref = -self._refs
-        options: dict[str, Any] = {"requires": sorted(requires), "resources": dict(resources or {}),
-                                   "priority": priority}
-        if task_timeout is not None:
-            options["task_timeout"] = task_timeout
         submit = {"ref": ref, "name": name, "digest": digest, "call": call, "detached": detached,
                   "options": options, "total": total}
-        job = self.jobs[ref] = _RemoteJob(ref, sink, submit, function)
+        self.jobs[ref] = _RemoteJob(ref, sink, submit, function)
         self._send(Kind.SUBMIT, submit, function)
         return ref
 

@@ -17,14 +17,15 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.http11 import Request, Response
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from foreman import protocol
 from foreman.auth import CLIENT, Authenticator, Principal, RefusalLimiter
 from foreman.clients import ClientService
 from foreman.errors import ForemanClosedError, ProtocolError, TaskLostError
 from foreman.fleet import Fleet
+from foreman.jobs import placement_from_json
 from foreman.journal import RUNNING, Journal
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
@@ -254,7 +255,7 @@ class ForemanServer:
                        options: dict[str, Any], total: int | None, detached: bool) -> StoredJob:
         """A job whose results the journal keeps for its client (a remote client's, or a detached one).
         ``options``: the placement options of :class:`~foreman.jobs.JobOptions`, JSON-able."""
-        placement = _placement(options)
+        placement = placement_from_json(options)
         self.scheduler.skip_job_ids(self.journal.last_job_id())
         job_id = self.scheduler.next_job_id
         self.journal.add_job(job_id, owner, name, digest, call, function, options, total, detached)
@@ -292,7 +293,7 @@ class ForemanServer:
             stored.orphaned_at = time.monotonic()  # until its client attaches again
             self.stored[row.id] = stored
             self.add_job(row.digest, row.function, row.call, stored, row.name, row.total, owner=row.owner,
-                         job_id=row.id, held_until=held_until, **_placement(row.options))
+                         job_id=row.id, held_until=held_until, **placement_from_json(row.options))
             inputs = self.journal.inputs(row.id)
             for start, count, payload in inputs:
                 self.scheduler.add_batch(row.id, start, count, payload)
@@ -646,24 +647,6 @@ class ForemanServer:
                     message = f"job {job.id} is waiting: no connected worker has {_needs(job)}"
                     log.warning("%s", message, extra={"job": job.id})
                     self.fleet.event(time.time(), "waiting", message)
-
-
-def _placement(options: dict[str, Any]) -> dict[str, Any]:
-    """Scheduler placement from a stored job's JSON options; ValueError/TypeError for bad values."""
-    requires = options.get("requires", [])
-    resources = options.get("resources", {})
-    priority = options.get("priority", 0)
-    task_timeout = options.get("task_timeout")
-    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
-        raise ValueError("requires must be a list of capability names")
-    if not isinstance(resources, dict) or not all(isinstance(v, (int, float)) for v in resources.values()):
-        raise ValueError("resources must map names to numbers")
-    if type(priority) is not int:
-        raise ValueError("priority must be an integer")
-    if task_timeout is not None and not isinstance(task_timeout, (int, float)):
-        raise ValueError("task_timeout must be a number of seconds")
-    return {"requires": frozenset(requires), "resources": dict(resources), "priority": priority,
-            "task_timeout": task_timeout}
 
 
 def _close_soon(ws: ServerConnection, code: int, reason: str) -> None:

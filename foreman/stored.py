@@ -13,7 +13,7 @@ from typing import Protocol
 
 from foreman import protocol
 from foreman.errors import describe_failure
-from foreman.journal import Journal, JobRow, Output
+from foreman.journal import JobRow, Journal, Output
 
 log = logging.getLogger("crowdcompute.foreman")
 

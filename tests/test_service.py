@@ -332,3 +332,13 @@ def test_credit_and_bans_survive_a_restart(tmp_path: Path) -> None:
     with Foreman(port=0, dashboard=False, data_dir=str(tmp_path)) as fm:
         assert fm._call(fm._server.trust.ledger.leaderboard) == before
         assert fm._call(fm._server.trust.reputation.to_json, "stranger")["state"] == "banned"
+
+
+def test_remote_jobs_can_ask_for_redundancy_but_not_ship_a_comparator(service: Service) -> None:
+    """redundancy and spot checks travel as JSON options (also kept in the journal); a comparator is code that
+    would run in the foreman, so a client is told it cannot send one."""
+    with connect(service) as fm:
+        assert fm.map(square, range(30), redundancy=2) == [x * x for x in range(30)]
+        assert fm.submit_job(square, range(10), redundancy=2).results(timeout=60) == [x * x for x in range(10)]
+        with pytest.raises(ValueError, match="a comparator is code"):
+            fm.map(square, range(3), redundancy=2, comparator=lambda a, b: a == b)

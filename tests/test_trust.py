@@ -101,9 +101,11 @@ def test_a_spot_check_on_a_trusted_local_worker_catches_a_lone_cheater(spawn_wor
         assert stranger["reputation"]["state"] == "quarantined"
 
 
-def test_validation_is_refused_where_it_would_be_silently_dropped() -> None:
+def test_bad_validation_options_are_refused() -> None:
+    """A detached job keeps its options as JSON, so it cannot keep a comparator; a quorum above the
+    redundancy is refused."""
     with Foreman(port=0, dashboard=False) as fm:
-        with pytest.raises(ValueError, match="not available for detached jobs"):
-            fm.submit_job(cheat_square, range(3), redundancy=2)
+        with pytest.raises(ValueError, match="a comparator is code"):
+            fm.submit_job(cheat_square, range(3), redundancy=2, comparator=same_input)
         with pytest.raises(ValueError, match="quorum must be an int from 1 to redundancy"):
             fm.map(cheat_square, range(3), redundancy=2, quorum=3)
