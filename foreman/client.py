@@ -34,7 +34,7 @@ from foreman.jobs import (
 from foreman.journal import Journal
 from foreman.local import LocalWorkers
 from foreman.remote import RemoteBackend
-from foreman.serialization import dumps_function, ship_by_value
+from foreman.serialization import Pickled, dumps_function, ship_by_value
 from foreman.server import ForemanServer
 from foreman.tls import (
     certificate_fingerprint,
@@ -250,7 +250,7 @@ class Foreman(AsyncAPI):
         self._ship(fn)
         digest, function = dumps_function(options.shipped(fn))
         limit = self._backend.max_message_size - protocol.MAX_HEADER_SIZE
-        ((_, _, payload),) = _pickle_fitting([(args, kwargs)], 0, limit)
+        ((_, _, payload),) = _pickle_fitting([(args, kwargs)], 0, limit, self._backend.out_of_band)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         SubmittedTask(self, future, digest, function, payload, getattr(fn, "__qualname__", repr(fn)), options)
         return future
@@ -293,7 +293,7 @@ class Foreman(AsyncAPI):
         size = chunksize or max(1, len(items) // (8 * max(self._backend.slots, 1)))
         limit = self._backend.max_message_size - protocol.MAX_HEADER_SIZE
         pieces = [piece for start in range(0, len(items), size)
-                  for piece in _pickle_fitting(items[start:start + size], start, limit)]
+                  for piece in _pickle_fitting(items[start:start + size], start, limit, out_of_band=False)]
         handle = JobHandle(self, 0)
         handle.id = self._call(self._open_detached(digest, function, call, name, len(items),
                                                    job_options.placement(), json_options, pieces, handle))
@@ -301,7 +301,7 @@ class Foreman(AsyncAPI):
 
     async def _open_detached(self, digest: str, function: bytes, call: str, name: str, total: int,
                              placement: dict[str, Any], json_options: dict[str, Any],
-                             pieces: list[tuple[int, int, bytes]], handle: JobHandle) -> int:
+                             pieces: list[tuple[int, int, Pickled]], handle: JobHandle) -> int:
         if isinstance(self._backend, RemoteBackend):
             backend = self._backend
             job_id = await backend.accepted(backend.add_job(digest, function, call, handle, name, total,
@@ -314,7 +314,7 @@ class Foreman(AsyncAPI):
         server = self._backend
         stored = server.add_stored_job("admin", name, digest, call, function, json_options, total, detached=True)
         for start, count, payload in pieces:
-            stored.add_input(start, count, payload)
+            stored.add_input(start, count, payload.data)  # journaled: pickled in band
             server.add_batch(stored.id, start, count, payload)
         stored.close_input()
         stored.attach(LocalSubscriber(handle), 0)

@@ -22,6 +22,7 @@ from foreman.auth import ADMIN, CLIENT, Principal
 from foreman.errors import ProtocolError
 from foreman.journal import JobRow, Output
 from foreman.protocol import CloseCode, Kind
+from foreman.serialization import Pickled
 from foreman.stored import StoredJob
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ class ClientService:
             except ValueError as exc:
                 raise ProtocolError(str(exc)) from None
             if fresh:
-                self.server.add_batch(header["job"], header["start"], header["count"], bytes(msg.payload))
+                self.server.add_batch(header["job"], header["start"], header["count"], Pickled(bytes(msg.payload)))
         elif kind is Kind.INPUT_END:
             stored = self._running(peer, header["job"])
             if stored is not None and not stored.input_closed:

@@ -23,6 +23,8 @@ from foreman import protocol
 from foreman.errors import SerializationError
 from foreman.retry import Retrying
 from foreman.serialization import (
+    OUT_OF_BAND_BYTES,
+    Pickled,
     dumps_function,
     dumps_items,
     loads_results,
@@ -366,8 +368,11 @@ class Job:
                 items = list(itertools.islice(self._source, size))
                 if not items or self._cancelled:
                     break
-                for start, count, payload in _pickle_fitting(items, index, limit):
-                    self._batcher.observe_bytes(count, len(payload))
+                per_task = self._batcher.bytes_per_task
+                out_of_band = self._foreman._backend.out_of_band and (per_task is None
+                                                                       or per_task >= OUT_OF_BAND_BYTES)
+                for start, count, payload in _pickle_fitting(items, index, limit, out_of_band):
+                    self._batcher.observe_bytes(count, payload.nbytes)
                     with self._room:
                         self._outstanding += 1
                     self._foreman._post(self._foreman._backend.add_batch, self.id, start, count, payload)
@@ -410,7 +415,7 @@ class SubmittedTask:
     """One ``submit()`` call: a job of a single task, resolved into a concurrent.futures.Future."""
 
     def __init__(self, foreman: Foreman, future: concurrent.futures.Future[Any], digest: str, function: bytes,
-                 payload: bytes, name: str, options: JobOptions = JobOptions()) -> None:
+                 payload: Pickled, name: str, options: JobOptions = JobOptions()) -> None:
         self._foreman = foreman
         self.future = future
         self.id = 0
@@ -493,15 +498,18 @@ def _known_length(iterable: Iterable[Any]) -> int | None:
         return hint if hint >= 0 else None
 
 
-def _pickle_fitting(items: list[Any], start: int, limit: int) -> Iterator[tuple[int, int, bytes]]:
-    """Pickle items as one batch, halving it until each piece fits in a message."""
-    payload = dumps_items(items, start)
-    if len(payload) <= limit:
+def _pickle_fitting(items: list[Any], start: int, limit: int,
+                    out_of_band: bool = True) -> Iterator[tuple[int, int, Pickled]]:
+    """Pickle items as one batch, halving it until each piece fits in a message. ``out_of_band``: see
+    :func:`~foreman.serialization.dumps_items` (the feeder turns it off once arguments prove small)."""
+    payload = dumps_items(items, start, out_of_band)
+    size = payload.nbytes  # the header's list of buffer sizes fits its own limit: buffers are >= 64 KiB each
+    if size <= limit:
         yield start, len(items), payload
         return
     if len(items) == 1:
-        raise SerializationError(f"the argument of task {start} pickles to {len(payload)} bytes, over the "
+        raise SerializationError(f"the argument of task {start} pickles to {size} bytes, over the "
                                  f"{limit}-byte limit for one task (raise max_message_size to send it)")
     half = len(items) // 2
-    yield from _pickle_fitting(items[:half], start, limit)
-    yield from _pickle_fitting(items[half:], start + half, limit)
+    yield from _pickle_fitting(items[:half], start, limit, out_of_band)
+    yield from _pickle_fitting(items[half:], start + half, limit, out_of_band)

@@ -20,8 +20,10 @@ from typing import Any, NamedTuple
 
 from foreman.errors import ProtocolError
 
-#: Bumped on any incompatible change to framing, kinds or required header fields.
-PROTOCOL_VERSION = 2  # 2: PAUSE, RECEIVED, the client kinds (20-32), HELLO holding
+#: Bumped on any incompatible change to framing, kinds, required header fields or payload layout.
+#: 2: PAUSE, RECEIVED, the client kinds (20-32), HELLO holding. 3: TASKS payloads may end with out-of-band
+#: buffers (the ``buffers`` header field).
+PROTOCOL_VERSION = 3
 
 #: Largest message either side accepts. Protects memory: a peer can make us buffer at most this much per
 #: connection before the message is refused. Argument and result batches are cut to fit under it.
@@ -43,7 +45,7 @@ class Kind(enum.IntEnum):
     HELLO = 1  # W: handshake, the first message on a connection
     WELCOME = 2  # F: handshake accepted
     JOB = 3  # F: a job's function (payload: cloudpickle), sent once per job and worker
-    TASKS = 4  # F: a batch of tasks (payload: pickled list of arguments)
+    TASKS = 4  # F: a batch of tasks (payload: pickled list of arguments, then its out-of-band buffers)
     RESULTS = 5  # W: the outcome of a batch (payload: pickled results and errors)
     CANCEL = 6  # F: drop queued and kill running tasks of a job (or of one batch)
     JOB_DONE = 7  # F: the job is over; the worker may forget its function
@@ -150,12 +152,26 @@ class CloseCode(enum.IntEnum):
 FATAL_CLOSE_CODES = frozenset({CloseCode.AUTH_FAILED, CloseCode.VERSION_MISMATCH})
 
 
-def encode(kind: Kind, header: dict[str, Any] | None = None, payload: bytes | memoryview = b"") -> bytes:
-    """Frame one message. Raises ProtocolError if the header is too large."""
+def encode(kind: Kind, header: dict[str, Any] | None = None, *payload: bytes | memoryview) -> bytes:
+    """Frame one message whose payload is ``payload``'s parts, joined. Raises ProtocolError if the header is too
+    large."""
     raw = json.dumps(header or {}, separators=(",", ":")).encode()
     if len(raw) > MAX_HEADER_SIZE:
         raise ProtocolError(f"{kind.name} header is {len(raw)} bytes, over the {MAX_HEADER_SIZE}-byte limit")
-    return b"".join((_PREFIX.pack(kind, len(raw)), raw, payload))
+    return b"".join((_PREFIX.pack(kind, len(raw)), raw, *payload))
+
+
+def payload_parts(msg: Message) -> list[memoryview]:
+    """A TASKS payload as its parts: the pickled arguments, then the out-of-band buffers that end the payload,
+    whose sizes the header's ``buffers`` field lists in order (checked by :func:`decode`). Views, not copies."""
+    view = memoryview(msg.payload)
+    sizes = msg.header.get("buffers") or []
+    end = view.nbytes - sum(sizes)
+    parts = [view[:end]]
+    for size in sizes:
+        parts.append(view[end:end + size])
+        end += size
+    return parts
 
 
 def decode(data: bytes | bytearray | memoryview | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Message:
@@ -197,16 +213,23 @@ def decode(data: bytes | bytearray | memoryview | str, max_size: int = DEFAULT_M
     payload = view[end:]
     if payload.nbytes and kind not in PAYLOAD_KINDS:
         raise ProtocolError(f"{kind.name} message must not carry a payload ({payload.nbytes} bytes found)")
-    _check_values(kind, header)
+    _check_values(kind, header, payload.nbytes)
     return Message(kind, header, payload)
 
 
 _MISSING = object()
 
 
-def _check_values(kind: Kind, header: dict[str, Any]) -> None:
+def _check_values(kind: Kind, header: dict[str, Any], payload_size: int) -> None:
     if kind in (Kind.TASKS, Kind.RESULTS, Kind.INPUT, Kind.OUTPUT) and (header["start"] < 0 or header["count"] < 1):
         raise ProtocolError(f"{kind.name} has an invalid range start={header['start']} count={header['count']}")
+    if kind is Kind.TASKS and "buffers" in header:
+        sizes = header["buffers"]
+        if not (isinstance(sizes, list) and all(type(size) is int and size >= 0 for size in sizes)):
+            raise ProtocolError("TASKS field 'buffers' must be a list of sizes (non-negative integers)")
+        if sum(sizes) > payload_size:
+            raise ProtocolError(f"TASKS buffers of {sum(sizes)} bytes in all do not fit its {payload_size}-byte "
+                                "payload")
     if kind is Kind.RESULTS and header["status"] not in RESULT_STATUSES:
         raise ProtocolError(f"RESULTS has an unknown status {header['status']!r}")
     if kind is Kind.OUTPUT and header["status"] not in OUTPUT_STATUSES:

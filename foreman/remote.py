@@ -36,6 +36,7 @@ from foreman.errors import (
 )
 from foreman.jobs import placement_to_json
 from foreman.protocol import Kind
+from foreman.serialization import Pickled
 
 if TYPE_CHECKING:
     from foreman.server import JobSink
@@ -68,6 +69,9 @@ class _RemoteJob:
 class RemoteBackend:
     """One client connection to a standalone foreman (see the module docstring). All methods run on the loop.
 
+    Argument batches go in band (``out_of_band`` is False): an INPUT payload, and the foreman's journal, hold one
+    pickle.
+
     :param address: ``ws://host:port`` (``wss://`` for TLS) of the foreman.
     :param token: a client token of the foreman's token file, or its admin token.
     :param ssl_context: for ``wss://`` (see :func:`foreman.tls.client_context`).
@@ -90,6 +94,7 @@ class RemoteBackend:
         self.capacity = 0
         self.slots = 0
         self.max_message_size = protocol.DEFAULT_MAX_MESSAGE_SIZE
+        self.out_of_band = False
         self.trust_workers = True
         self.principal = ""
         self.admin = False
@@ -250,10 +255,12 @@ class RemoteBackend:
         self._send(Kind.SUBMIT, submit, function)
         return ref
 
-    def add_batch(self, job_id: int, start: int, count: int, payload: bytes) -> None:
+    def add_batch(self, job_id: int, start: int, count: int, payload: Pickled) -> None:
+        if payload.buffers:
+            raise ValueError("a remote foreman takes argument batches pickled in band (out_of_band=False)")
         job = self.jobs.get(job_id)
         if job is not None:
-            job.retained.append((start, count, payload))
+            job.retained.append((start, count, payload.data))
             self._flush(job)
 
     def close_input(self, job_id: int) -> None:

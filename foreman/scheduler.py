@@ -32,7 +32,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from foreman.serialization import split_payload
+from foreman.serialization import Pickled, split_payload
 
 
 class State(enum.Enum):
@@ -83,7 +83,7 @@ class Batch:
     job_id: int
     start: int
     count: int
-    payload: bytes
+    payload: Pickled
     state: State = State.QUEUED
     strikes: int = 0  # workers lost in a row while this batch was in flight
     attempts: int = 0  # times assigned
@@ -394,7 +394,7 @@ class Scheduler:
             self._holders[job_id].discard(worker_id)
         return True
 
-    def add_batch(self, job_id: int, start: int, count: int, payload: bytes) -> Batch:
+    def add_batch(self, job_id: int, start: int, count: int, payload: Pickled) -> Batch:
         job = self.jobs[job_id]
         if job.input_closed:
             raise ValueError(f"job {job_id} input is closed")
@@ -498,7 +498,7 @@ class Scheduler:
         job.replicas.pop(batch.start, None)
         job.tasks_done += batch.count
         job.durations.append((self.clock() - batch.assigned_at) / batch.count)
-        batch.payload = b""
+        batch.payload = Pickled(b"")
         self._refresh_runnable(job)
         return Completion(batch, others)
 

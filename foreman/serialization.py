@@ -1,13 +1,15 @@
 """Pickling of functions, argument batches, result batches and remote exceptions.
 
 One place decides how user objects become bytes and back, on both sides of the wire. Functions and arguments
-use cloudpickle (so lambdas, closures and functions from ``__main__`` travel by value) with pickle protocol 5.
+use cloudpickle (so lambdas, closures and functions from ``__main__`` travel by value) with pickle protocol 5;
+large ``bytes`` and ``bytearray`` arguments travel beside the pickle (out of band), not copied into it.
 Results are loaded with :func:`loads_results`; the foreman's trust policy for worker-sent bytes lives there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import platform
@@ -16,7 +18,7 @@ import sysconfig
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
@@ -69,10 +71,67 @@ def ship_by_value(fn: Callable[..., Any]) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
-def dumps_items(items: Sequence[Any], first_index: int = 0) -> bytes:
-    """Pickle a batch of task arguments as one list. Names the task whose argument cannot be pickled."""
+#: ``bytes`` and ``bytearray`` objects at least this large are pickled out of band by :func:`dumps_items`: sent as
+#: they are beside the pickle, and received as their own ``bytes`` in the task process. That saves two copies of
+#: them (into the pickle and out of it) and costs a Python call per object pickled, so it is only used where the
+#: caller expects large arguments.
+OUT_OF_BAND_BYTES = 64 * 1024
+
+
+class Pickled(NamedTuple):
+    """A pickled argument batch: the pickle, and the out-of-band buffers it refers to by index, in order."""
+
+    data: bytes
+    buffers: tuple[bytes, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + sum(len(buffer) for buffer in self.buffers)
+
+
+class _OutOfBandPickler(cloudpickle.Pickler):
+    """Pickles large ``bytes`` and ``bytearray`` objects as references to buffers kept beside the pickle."""
+
+    def __init__(self, file: io.BytesIO, buffers: list[bytes]) -> None:
+        super().__init__(file, protocol=PICKLE_PROTOCOL)
+        self._buffers = buffers
+        self._seen: dict[int, int] = {}  # id of a buffered object -> its index (an object sent twice goes once)
+
+    def persistent_id(self, obj: Any) -> tuple[bool, int] | None:
+        kind = type(obj)
+        if (kind is not bytes and kind is not bytearray) or len(obj) < OUT_OF_BAND_BYTES:
+            return None
+        index = self._seen.get(id(obj))
+        if index is None:
+            index = self._seen[id(obj)] = len(self._buffers)
+            self._buffers.append(obj if kind is bytes else bytes(obj))  # a bytearray may change after the call
+        return (kind is bytearray, index)
+
+
+class _OutOfBandUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, buffers: Sequence[bytes | memoryview]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._buffers = buffers
+
+    def persistent_load(self, pid: Any) -> bytes | bytearray:
+        writable, index = pid
+        buffer = self._buffers[index]
+        return bytearray(buffer) if writable else bytes(buffer)  # bytes(b) is b itself: no copy
+
+
+def dumps_items(items: Sequence[Any], first_index: int = 0, out_of_band: bool = True) -> Pickled:
+    """Pickle a batch of task arguments as one list. Names the task whose argument cannot be pickled.
+
+    ``out_of_band``: leave large ``bytes`` and ``bytearray`` objects out of the pickle (see
+    :data:`OUT_OF_BAND_BYTES`); False pickles everything in band, faster for many small arguments.
+    """
     try:
-        return cloudpickle.dumps(items, protocol=PICKLE_PROTOCOL)
+        if not out_of_band:
+            return Pickled(cloudpickle.dumps(items, protocol=PICKLE_PROTOCOL))
+        buffers: list[bytes] = []
+        with io.BytesIO() as file:
+            _OutOfBandPickler(file, buffers).dump(items)
+            return Pickled(file.getvalue(), tuple(buffers))
     except Exception:
         for offset, item in enumerate(items):
             try:
@@ -83,12 +142,19 @@ def dumps_items(items: Sequence[Any], first_index: int = 0) -> bytes:
         raise
 
 
-def split_payload(payload: bytes, count: int) -> list[bytes]:
+def loads_items(data: bytes, buffers: Sequence[bytes | memoryview] = ()) -> Any:
+    """Load an argument batch pickled by :func:`dumps_items` (trusted input only: unpickling runs code)."""
+    if not buffers:
+        return pickle.loads(data)
+    return _OutOfBandUnpickler(data, buffers).load()
+
+
+def split_payload(payload: Pickled, count: int) -> list[Pickled]:
     """Re-pickle a batch of ``count`` arguments as ``count`` single-item batches."""
-    items = pickle.loads(payload)
+    items = loads_items(payload.data, payload.buffers)
     if len(items) != count:
         raise ValueError(f"payload holds {len(items)} items, expected {count}")
-    return [cloudpickle.dumps([item], protocol=PICKLE_PROTOCOL) for item in items]
+    return [dumps_items([item]) for item in items]
 
 
 # -- results (worker -> foreman) ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from foreman.jobs import placement_from_json
 from foreman.journal import RUNNING, Journal
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
-from foreman.serialization import ENV_FINGERPRINT
+from foreman.serialization import ENV_FINGERPRINT, Pickled
 from foreman.stored import StoredJob
 from foreman.trust import Trust
 from foreman.validation import Policy
@@ -131,6 +131,7 @@ class ForemanServer:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size
+        self.out_of_band = True  # argument batches may carry out-of-band buffers (stored jobs' do not)
         self.http_port = http_port
         self.trust_workers = trust_workers
         self.ssl_context = ssl_context
@@ -296,13 +297,13 @@ class ForemanServer:
                          job_id=row.id, held_until=held_until, **placement_from_json(row.options))
             inputs = self.journal.inputs(row.id)
             for start, count, payload in inputs:
-                self.scheduler.add_batch(row.id, start, count, payload)
+                self.scheduler.add_batch(row.id, start, count, Pickled(payload))
             log.info("job %s of %s resumed from the journal: %s batches to run, %s tasks done",
                      row.id, row.owner, len(inputs), row.tasks_done, extra={"job": row.id})
             if row.input_closed:
                 self.close_input(row.id)
 
-    def add_batch(self, job_id: int, start: int, count: int, payload: bytes) -> None:
+    def add_batch(self, job_id: int, start: int, count: int, payload: Pickled) -> None:
         if job_id in self.jobs:
             self.scheduler.add_batch(job_id, start, count, payload)
             self._pump()
@@ -608,8 +609,11 @@ class ForemanServer:
             for task in range(batch.start, batch.start + batch.count):
                 if task in saved:
                     peer.send(protocol.encode(Kind.CHECKPOINT, {"job": batch.job_id, "task": task}, saved[task]))
-        peer.send(protocol.encode(Kind.TASKS, {"job": batch.job_id, "start": batch.start, "count": batch.count},
-                                  batch.payload))
+        header = {"job": batch.job_id, "start": batch.start, "count": batch.count}
+        payload = batch.payload
+        if payload.buffers:
+            header["buffers"] = [len(buffer) for buffer in payload.buffers]
+        peer.send(protocol.encode(Kind.TASKS, header, payload.data, *payload.buffers))
 
     # -- clock -----------------------------------------------------------------------------------------------
 

@@ -299,7 +299,7 @@ def test_multi_task_batch_split_after_second_loss(s: Scheduler) -> None:
     assert [(b.start, b.count, b.strikes, b.state) for b in singles] == [
         (10, 1, 2, State.QUEUED), (11, 1, 2, State.QUEUED), (12, 1, 2, State.QUEUED)]
     assert list(job.suspects) == singles and not job.queue
-    assert [pickle.loads(b.payload) for b in singles] == [["a"], ["b"], ["c"]]
+    assert [pickle.loads(b.payload.data) for b in singles] == [["a"], ["b"], ["c"]]
     assert job.tasks_total == 3
 
     s.add_worker("w3", 1, ENV)
@@ -662,7 +662,7 @@ def test_random_operations_account_for_every_task_exactly_once(seed: int, max_lo
         for a in s.dispatch():
             b = a.batch
             seen[id(b)] = b
-            assert pickle.loads(b.payload) == [(b.job_id, i) for i in range(b.start, b.start + b.count)]
+            assert pickle.loads(b.payload.data) == [(b.job_id, i) for i in range(b.start, b.start + b.count)]
             assert s.workers[a.worker_id].env == s.jobs[b.job_id].env
             sent.append((a.worker_id, b.key))
 

@@ -116,12 +116,13 @@ def test_a_malicious_worker_cannot_run_code_on_the_foreman(tmp_path) -> None:
 
 def test_an_untrusted_worker_cannot_answer_for_a_batch_it_was_not_given() -> None:
     from foreman.scheduler import Scheduler
+    from foreman.serialization import Pickled
 
     scheduler = Scheduler(lambda: 0.0)
     scheduler.add_worker("honest", 1, "env")
     scheduler.add_worker("mallory", 1, "env")
     job = scheduler.add_job("env")
-    scheduler.add_batch(job.id, 0, 1, pickle.dumps([1]))
+    scheduler.add_batch(job.id, 0, 1, Pickled(pickle.dumps([1])))
     (assignment,) = scheduler.dispatch()
     other = "mallory" if assignment.worker_id == "honest" else "honest"
     assert scheduler.complete(other, job.id, 0, 1, holders_only=True) is None

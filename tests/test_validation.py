@@ -14,7 +14,7 @@ from foreman.errors import ValidationError
 from foreman.jobs import JobOptions
 from foreman.reputation import Reputation
 from foreman.scheduler import Scheduler, State
-from foreman.serialization import error_entry
+from foreman.serialization import Pickled, error_entry
 from foreman.validation import Candidate, Policy, decide, same
 
 ENV = "env"
@@ -32,7 +32,7 @@ def replicated(copies: int = 2, spot_check: float = 0.0, batches: int = 1) -> tu
     scheduler = Scheduler(FakeClock(), speculation=None, rng=random.Random(1))
     job = scheduler.add_job(ENV, copies=copies, spot_check=spot_check)
     for start in range(batches):
-        scheduler.add_batch(job.id, start, 1, pickle.dumps([start]))
+        scheduler.add_batch(job.id, start, 1, Pickled(pickle.dumps([start])))
     return scheduler, job.id
 
 

@@ -1,8 +1,9 @@
 """The child process that runs task batches. One batch at a time; killed and replaced if it hangs or crashes.
 
-Requests (from the parent, by ``Connection.send``):
-``(digest, function bytes or None, call style, first task index, number of tasks, payload, the job's
-task_timeout or None, saved checkpoints by task index or None)``.
+Requests (from the parent, one Connection message each): a pickled ``(digest, function bytes or None, call style,
+first task index, number of tasks, the job's task_timeout or None, saved checkpoints by task index or None,
+number of parts)``, followed by that many messages: the pickled argument list, then the out-of-band buffers it
+refers to (see :func:`foreman.serialization.loads_items`), each received as its own ``bytes``, without a copy.
 While a batch runs, a task may send ``b"C" + <u64 task index> + <pickled state>`` (see :mod:`worker.checkpoints`).
 Replies (``send_bytes``): ``b"N"`` when the function for ``digest`` must be sent again, or
 ``b"R" + <u32 n> + <n bytes: JSON summary> + <pickled results and errors>``.
@@ -22,11 +23,12 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 from foreman.protocol import CALL_ONE, CALL_STAR
-from foreman.serialization import ErrorEntry, dumps_results, error_entry
+from foreman.serialization import ErrorEntry, dumps_results, error_entry, loads_items
 from worker import checkpoints
 from worker.limits import Limits, TaskGuard
 
@@ -75,11 +77,12 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
     functions: OrderedDict[str, Any] = OrderedDict()
     while True:
         try:
-            digest, fn_bytes, call, start, count, payload, task_timeout, resume = conn.recv()
+            digest, fn_bytes, call, start, count, task_timeout, resume, parts = pickle.loads(conn.recv_bytes())
+            payload = [conn.recv_bytes() for _ in range(parts)]
         except (EOFError, OSError):
             return
         if fn_bytes is not None:
-            functions[digest] = _load(fn_bytes, "the job's function")
+            functions[digest] = _load("the job's function", pickle.loads, fn_bytes)
             while len(functions) > FUNCTION_CACHE_SIZE:
                 functions.popitem(last=False)
         fn = functions.get(digest)
@@ -87,7 +90,7 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
             conn.send_bytes(b"N")
             continue
         functions.move_to_end(digest)
-        items = _load(payload, "the batch's arguments")
+        items = _load("the batch's arguments", loads_items, payload[0], payload[1:])
         failure = next((x for x in (fn, items) if isinstance(x, _LoadFailure)), None)
         cpu = time.process_time()
         if failure is not None:
@@ -112,9 +115,9 @@ class _LoadFailure:
         self.entry = error_entry(RuntimeError(f"cannot unpickle {what} on this worker: {type(exc).__name__}: {exc}"))
 
 
-def _load(data: bytes, what: str) -> Any:
+def _load(what: str, load: Callable[..., Any], *args: Any) -> Any:
     try:
-        return pickle.loads(data)
+        return load(*args)
     except Exception as exc:
         return _LoadFailure(what, exc)
 

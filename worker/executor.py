@@ -1,24 +1,29 @@
 """Runs task batches in child processes, so user code never blocks the worker's event loop.
 
-Each slot is a thread that owns one child process: it takes the next batch from a shared queue, hands it to its
-child over a pipe, and waits for the reply while the event loop stays free. A crash kills only that child (the
-slot reports it and starts a new one); a batch to be cancelled is stopped by killing its child, and so is one
-that overruns the worker's ``--max-task-seconds`` (the backstop to the timer in the child, see :mod:`worker.limits`).
+Each slot owns one child process and the worker's end of a socket pair to it (:class:`_Channel`), which the event
+loop reads and writes itself (``add_reader``/``add_writer``): a batch goes from the foreman's message to the task
+process, and its results back, without another thread. A crash kills only that child (the slot reports it, and the
+next batch starts a new one); a batch to be cancelled is stopped by killing its child, and so is one that overruns
+the worker's ``--max-task-seconds`` (the backstop to the timer in the child, see :mod:`worker.limits`).
+
+POSIX only (Linux, macOS): the channel needs ``socket.sendmsg`` and an event loop that watches sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import json
 import logging
 import multiprocessing
 import os
-import queue
+import pickle
 import signal
+import socket
 import struct
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -43,7 +48,7 @@ class WorkItem:
     digest: str
     function: bytes
     call: str
-    payload: bytes | memoryview
+    payload: Sequence[bytes | memoryview]  # the pickled arguments, then the out-of-band buffers they refer to
     session: int  # the connection it arrived on; results of an old session are still worth delivering
     received: float = field(default_factory=time.monotonic)
     started: float = 0.0
@@ -59,7 +64,7 @@ class Outcome:
 
     item: WorkItem
     status: str
-    payload: bytes = b""
+    payload: bytes | memoryview = b""
     failed: int = 0  # tasks that raised
     elapsed: float = 0.0
     error: str = ""
@@ -68,13 +73,16 @@ class Outcome:
 
 
 class Executor:
-    """A fixed set of child processes fed from one queue.
+    """A fixed set of child processes fed from one queue, all on the worker's event loop.
+
+    Every method must be called on ``loop``; ``on_outcome`` and ``on_checkpoint`` are called on it too (an
+    outcome may be reported from within :meth:`stop_items`).
 
     :param concurrency: child processes, i.e. batches running at once.
-    :param on_outcome: called on the event loop with each :class:`Outcome`.
+    :param on_outcome: called with each :class:`Outcome`.
     :param start_method: multiprocessing start method; ``spawn`` (the default) behaves alike on every platform.
     :param limits: the volunteer's caps on each task's memory and run time.
-    :param on_checkpoint: called on the event loop with (item, task index, pickled state) when a task saves one.
+    :param on_checkpoint: called with (item, task index, pickled state) when a task saves one.
     """
 
     def __init__(self, concurrency: int, on_outcome: Callable[[Outcome], None],
@@ -88,40 +96,41 @@ class Executor:
         self._on_checkpoint = on_checkpoint
         self._loop = loop
         self._context = multiprocessing.get_context(start_method)
-        self._queue: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self.pending: dict[tuple[int, int, int], WorkItem] = {}  # queued, not started
+        self.pending: dict[tuple[int, int, int], WorkItem] = {}  # queued, not started; oldest first
         self.running: dict[tuple[int, int, int], tuple[WorkItem, _Slot]] = {}
         self._slots = [_Slot(self, i) for i in range(concurrency)]
+        self._closed = False
 
     def start(self) -> None:
+        """Start the task processes now, so that the first batch does not wait for one."""
         self.limits.log_unenforced()
         for slot in self._slots:
-            slot.thread.start()
+            try:
+                slot.spawn()
+            except Exception:
+                log.exception("cannot start a task process (the next batch tries again)")
 
     def submit(self, item: WorkItem) -> None:
-        with self._lock:
-            self.pending[_key(item)] = item
-        self._queue.put(item)
+        self.pending[_key(item)] = item
+        self._dispatch()
 
     def stop_items(self, reason: str, job_id: int | None = None, start: int | None = None,
                    kill_running: bool = True) -> list[WorkItem]:
         """Stop matching items (all when ``job_id`` is None): queued ones are dropped, running ones killed.
 
-        Queued items are returned to the caller; killed ones report an Outcome with status ``reason``.
+        Queued items are returned to the caller; killed ones report an Outcome with status ``reason``, before
+        this returns. Queued items are dropped first, so that none of them starts in a killed item's place.
         """
         def match(item: WorkItem) -> bool:
             return (job_id is None or item.job_id == job_id) and (start is None or item.start == start)
 
-        with self._lock:
-            dropped = [item for item in self.pending.values() if match(item)]
-            for item in dropped:
-                del self.pending[_key(item)]
-            # Killed under the lock: while an item is in ``running`` its slot cannot take the next one (that
-            # needs the lock), so the process killed is the one that ran this item, never the next item's.
-            for item, slot in [(i, s) for i, s in self.running.values() if kill_running and match(i)]:
+        dropped = [item for item in self.pending.values() if match(item)]
+        for item in dropped:
+            del self.pending[_key(item)]
+        if kill_running:
+            for item, slot in [(i, s) for i, s in self.running.values() if match(i)]:
                 item.stop_reason = reason
-                slot.kill()
+                slot.end()
         return dropped
 
     @property
@@ -130,161 +139,290 @@ class Executor:
 
     def task_pids(self) -> list[int]:
         """Process ids of the task processes running a batch now."""
-        with self._lock:
-            processes = [slot.process for _, slot in self.running.values()]
+        processes = [slot.process for _, slot in self.running.values()]
         return [process.pid for process in processes if process is not None and process.pid is not None]
 
     def running_items(self) -> list[WorkItem]:
         """The batches running now, oldest first."""
-        with self._lock:
-            items = [item for item, _ in self.running.values()]
-        return sorted(items, key=lambda item: item.started)
+        return sorted((item for item, _ in self.running.values()), key=lambda item: item.started)
 
     def close(self) -> None:
-        """Stop all slots and their children; running items are abandoned."""
-        for _ in self._slots:
-            self._queue.put(None)
-        with self._lock:
-            self.pending.clear()
+        """Stop all children; running and queued items are abandoned (no outcome is reported)."""
+        self._closed = True
+        self.pending.clear()
+        self.running.clear()
         for slot in self._slots:
-            slot.kill()
-        for slot in self._slots:
-            slot.thread.join(timeout=5)
+            slot.close()
 
-    def _take(self, slot: _Slot) -> WorkItem | None:
-        """Block for the next item to run, and mark it running on ``slot`` (None: exit). Called by slot threads.
+    def _dispatch(self) -> None:
+        """Start queued items on idle slots, oldest first."""
+        while self.pending and not self._closed:
+            slot = next((s for s in self._slots if s.item is None), None)
+            if slot is None:
+                return
+            key = next(iter(self.pending))
+            item = self.pending.pop(key)
+            item.started = time.monotonic()
+            self.running[key] = (item, slot)
+            slot.run(item)
 
-        Queued to running happens under the lock, so :meth:`stop_items` always finds an item in one or the other.
-        """
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return None
-            with self._lock:
-                if self.pending.pop(_key(item), None) is None:
-                    continue  # dropped while queued
-                item.started = time.monotonic()
-                self.running[_key(item)] = (item, slot)
-                return item
+    def _finished(self, outcome: Outcome) -> None:
+        """A slot is done with an item: start the next one on it, then report this one."""
+        self.running.pop(_key(outcome.item), None)
+        if self._closed:
+            return
+        self._dispatch()
+        self._on_outcome(outcome)
 
     def _checkpoint(self, item: WorkItem, task: int, state: bytes) -> None:
         if self._on_checkpoint is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._on_checkpoint, item, task, state)
-            except RuntimeError:
-                pass  # the loop is closed: the worker is exiting
-
-    def _report(self, outcome: Outcome) -> None:
-        with self._lock:
-            self.running.pop(_key(outcome.item), None)
-        try:
-            self._loop.call_soon_threadsafe(self._on_outcome, outcome)
-        except RuntimeError:
-            pass  # the loop is closed: the worker is exiting
+            self._on_checkpoint(item, task, state)
 
 
 class _Slot:
-    """One thread and the child process it feeds."""
+    """One child process, the channel to it, and the item it runs (None: idle)."""
 
     def __init__(self, executor: Executor, index: int) -> None:
         self.executor = executor
         self.index = index
         self.process: Any = None
-        self.conn: Connection | None = None
+        self.channel: _Channel | None = None
         self.known: set[str] = set()  # function digests this child has been sent
-        self.doomed = False  # killed: do not send it another batch
-        self.thread = threading.Thread(target=self._run, name=f"crowdcompute-slot-{index}", daemon=True)
+        self.item: WorkItem | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._overrun = ""  # set when the backstop killed the process: the batch's error
 
-    def _spawn(self) -> None:
-        context = self.executor._context
-        parent, child = context.Pipe()
-        process = context.Process(target=child_main, args=(child, os.getpid(), self.executor.limits),
-                                  daemon=True, name=f"crowdcompute-task-{self.index}")
-        process.start()
-        child.close()
-        if self.conn is not None:
-            self.conn.close()  # the pipe of the process this one replaces
-        self.process, self.conn, self.known, self.doomed = process, parent, set(), False
-
-    def kill(self) -> None:
-        """Kill the task process; the next batch gets a fresh one (a killed process may still look alive)."""
-        process = self.process
-        self.doomed = True
-        if process is not None and process.is_alive():
-            process.kill()
-
-    def _run(self) -> None:
+    def spawn(self) -> None:
+        executor = self.executor
+        parent, child = socket.socketpair()
+        conn = Connection(child.detach())
         try:
-            self._spawn()
-        except Exception:
-            log.exception("cannot start a task process")
-            return
-        while True:
-            item = self.executor._take(self)
-            if item is None:
-                self._shutdown()
+            channel = _Channel(executor._loop, parent, self._on_message, self._on_closed)
+        except BaseException:
+            parent.close()
+            conn.close()
+            raise
+        process = executor._context.Process(target=child_main, args=(conn, os.getpid(), executor.limits),
+                                            daemon=True, name=f"crowdcompute-task-{self.index}")
+        try:
+            process.start()
+        except BaseException:
+            channel.close()
+            raise
+        finally:
+            conn.close()
+        self.process, self.channel, self.known = process, channel, set()
+
+    def run(self, item: WorkItem) -> None:
+        self.item = item
+        if self.channel is None:
+            try:
+                self.spawn()
+            except Exception as exc:
+                log.exception("cannot start a task process")
+                self.executor._loop.call_soon(self._finish, Outcome(
+                    item, STATUS_CRASHED, error=f"cannot start a task process: {type(exc).__name__}: {exc}"))
                 return
-            self.executor._report(self._execute(item))
-
-    def _execute(self, item: WorkItem) -> Outcome:
-        try:
-            if self.process is None or self.doomed or not self.process.is_alive():
-                if self.process is not None:
-                    self.process.join(timeout=5)
-                self._spawn()
-            reply = self._ask(item, item.digest in self.known)
-            if reply == b"N":
-                reply = self._ask(item, False)
-        except (EOFError, OSError, BrokenPipeError):
-            return self._died(item)
-        except _Overrun:
-            self.kill()
-            return self._died(item, self.executor.limits.for_job(item.task_timeout).overrun(item.count))
-        elapsed = time.monotonic() - item.started
-        size = _COUNT.unpack_from(reply, 1)[0]
-        start = 1 + _COUNT.size
-        summary = json.loads(reply[start:start + size]) if size else {"failed": 0, "errors": []}
-        return Outcome(item, STATUS_OK, reply[start + size:], summary["failed"], elapsed, errors=summary["errors"],
-                       cpu=summary.get("cpu", 0.0))
-
-    def _ask(self, item: WorkItem, child_has_function: bool) -> bytes:
-        assert self.conn is not None
-        fn = None if child_has_function else item.function
-        self.conn.send((item.digest, fn, item.call, item.start, item.count, item.payload, item.task_timeout,
-                        item.resume))
-        self.known.add(item.digest)
+        self._send(item, item.digest in self.known)
         allowed = self.executor.limits.for_job(item.task_timeout).batch_seconds(item.count)
-        while True:
-            if allowed is not None and not self.conn.poll(max(0.0, item.started + allowed - time.monotonic())):
-                raise _Overrun
-            reply = self.conn.recv_bytes()
-            if reply[:1] != b"C":
-                return reply
-            task, state = checkpoints.parse(reply)
-            self.executor._checkpoint(item, task, state)
+        if allowed is not None:
+            self._timer = self.executor._loop.call_later(allowed, self._on_overrun, item)
 
-    def _died(self, item: WorkItem, error: str | None = None) -> Outcome:
-        process = self.process
-        if process is not None:
-            process.join(timeout=5)
-        self.process = None
+    def end(self) -> None:
+        """Kill the task process (if not dead already); its batch, if any, ends with the reason it was stopped,
+        the backstop's error, or how the process died. The next batch gets a fresh process."""
+        process, channel = self.process, self.channel
+        self.process = self.channel = None
+        if channel is not None:
+            channel.close()
+        if process is not None and process.exitcode is None:
+            process.kill()
+            process.join(timeout=5)  # dead or dying: this is short, and gives describe_exit its code
+        item = self.item
+        if item is None:
+            return
         elapsed = time.monotonic() - item.started
         if item.stop_reason:
-            status = item.stop_reason
-            return Outcome(item, status, elapsed=elapsed, error=f"stopped ({status})")
-        code = process.exitcode if process is not None else None
-        return Outcome(item, STATUS_CRASHED, elapsed=elapsed, error=error or describe_exit(code))
+            outcome = Outcome(item, item.stop_reason, elapsed=elapsed, error=f"stopped ({item.stop_reason})")
+        else:
+            code = process.exitcode if process is not None else None
+            outcome = Outcome(item, STATUS_CRASHED, elapsed=elapsed, error=self._overrun or describe_exit(code))
+        self._finish(outcome)
 
-    def _shutdown(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
+    def _on_closed(self) -> None:
+        """The child's end closed: it exited or was killed. Give it a moment to be reaped, for its exit code."""
         if self.process is not None:
-            self.process.join(timeout=2)
-            self.kill()
+            self.process.join(timeout=1)
+        self.end()
+
+    def close(self) -> None:
+        """Let the child exit (it sees the channel close), killing it if it does not soon."""
+        self.item = None
+        process, channel = self.process, self.channel
+        self.process = self.channel = None
+        if channel is not None:
+            channel.close()
+        if process is not None:
+            process.join(timeout=2)
+            if process.exitcode is None:
+                process.kill()
+                process.join(timeout=5)
+
+    def _send(self, item: WorkItem, child_has_function: bool) -> None:
+        assert self.channel is not None
+        fn = None if child_has_function else item.function
+        request = pickle.dumps((item.digest, fn, item.call, item.start, item.count, item.task_timeout,
+                                item.resume, len(item.payload)), protocol=5)
+        self.channel.send(request, *item.payload)
+        self.known.add(item.digest)
+
+    def _on_message(self, message: bytes) -> None:
+        item = self.item
+        if item is None:
+            return  # nothing is running: a late reply of a batch already reported, or noise
+        kind = message[:1]
+        if kind == b"C":
+            task, state = checkpoints.parse(message)
+            self.executor._checkpoint(item, task, state)
+        elif kind == b"N":  # the child dropped the function from its cache: send the batch again, with it
+            self._send(item, False)
+        else:
+            size = _COUNT.unpack_from(message, 1)[0]
+            start = 1 + _COUNT.size
+            summary = json.loads(message[start:start + size]) if size else {"failed": 0, "errors": []}
+            self._finish(Outcome(item, STATUS_OK, memoryview(message)[start + size:], summary["failed"],
+                                 time.monotonic() - item.started, errors=summary["errors"],
+                                 cpu=summary.get("cpu", 0.0)))
+
+    def _on_overrun(self, item: WorkItem) -> None:
+        self._timer = None
+        if self.item is item:
+            self._overrun = self.executor.limits.for_job(item.task_timeout).overrun(item.count)
+            self.end()
+
+    def _finish(self, outcome: Outcome) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.item, self._overrun = None, ""
+        self.executor._finished(outcome)
 
 
-class _Overrun(Exception):
-    """A batch outlived ``count`` × ``--max-task-seconds`` plus a grace: its process is to be killed."""
+#: multiprocessing.Connection's framing, which the child reads and writes: a signed 32-bit big-endian length,
+#: or -1 followed by a 64-bit one, then the message.
+_SHORT = struct.Struct("!i")
+_LONG = struct.Struct("!Q")
+#: Bytes read from a channel per readable event.
+_READ_SIZE = 256 * 1024
+#: Buffers given to one sendmsg call (well under every system's IOV_MAX).
+_SEND_PARTS = 64
+
+
+class _Channel:
+    """The worker's end of the socket pair to one task process, read and written by the event loop.
+
+    Messages go out without being joined (``sendmsg`` of the frame headers and the caller's buffers); what the
+    socket does not take at once waits, in order, for it to become writable. ``on_closed`` is called once, when
+    the child's end closes (it exited or was killed) or the socket fails.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, on_message: Callable[[bytes], None],
+                 on_closed: Callable[[], None]) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self._inbox = bytearray()
+        self._outbox: collections.deque[memoryview] = collections.deque()
+        self._writing = False
+        self.closed = False
+        sock.setblocking(False)
+        try:
+            loop.add_reader(self._fd, self._readable)
+        except NotImplementedError:
+            raise RuntimeError("the worker's task processes need an event loop that can watch sockets "
+                               "(a POSIX system: Linux or macOS)") from None
+
+    def send(self, *messages: bytes | memoryview) -> None:
+        """Queue ``messages``, each one Connection message, and write as much as the socket takes now."""
+        if self.closed:
+            return
+        for message in messages:
+            view = memoryview(message).cast("B")
+            size = view.nbytes
+            head = _SHORT.pack(size) if size <= 0x7FFFFFFF else _SHORT.pack(-1) + _LONG.pack(size)
+            self._outbox.append(memoryview(head))
+            self._outbox.append(view)
+        if not self._writing:
+            self._flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+        self._outbox.clear()
+        self._sock.close()
+
+    def _flush(self) -> None:
+        outbox = self._outbox
+        while outbox:
+            try:
+                sent = self._sock.sendmsg(list(itertools.islice(outbox, _SEND_PARTS)))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._loop.call_soon(self._lost)  # reported from the loop, not from within the caller's send
+                return
+            while sent:
+                head = outbox[0]
+                if head.nbytes <= sent:
+                    sent -= head.nbytes
+                    outbox.popleft()
+                else:
+                    outbox[0] = head[sent:]
+                    sent = 0
+        if outbox and not self._writing:
+            self._loop.add_writer(self._fd, self._flush)
+            self._writing = True
+        elif not outbox and self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+
+    def _readable(self) -> None:
+        try:
+            data = self._sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost()
+            return
+        inbox = self._inbox
+        inbox += data
+        while len(inbox) >= _SHORT.size and not self.closed:
+            size = _SHORT.unpack_from(inbox)[0]
+            start = _SHORT.size
+            if size == -1:
+                if len(inbox) < _SHORT.size + _LONG.size:
+                    return
+                size, start = _LONG.unpack_from(inbox, _SHORT.size)[0], _SHORT.size + _LONG.size
+            end = start + size
+            if len(inbox) < end:
+                return
+            with memoryview(inbox) as view:
+                message = view[start:end].tobytes()
+            del inbox[:end]
+            self._on_message(message)
+
+    def _lost(self) -> None:
+        if not self.closed:
+            self.close()
+            self._on_closed()
 
 
 def describe_exit(code: int | None) -> str:
@@ -302,4 +440,3 @@ def describe_exit(code: int | None) -> str:
 
 def _key(item: WorkItem) -> tuple[int, int, int]:
     return (item.job_id, item.start, item.count)
-

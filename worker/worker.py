@@ -436,7 +436,7 @@ class Worker:
             start, count = header["start"], header["count"]
             resume = {i: self._resume.pop((header["job"], i)) for i in range(start, start + count)
                       if (header["job"], i) in self._resume} if self._resume else None
-            item = WorkItem(header["job"], start, count, digest, function, call, bytes(msg.payload),
+            item = WorkItem(header["job"], start, count, digest, function, call, protocol.payload_parts(msg),
                             self._session, task_timeout=task_timeout, foreman=self._foreman_session or "",
                             resume=resume)
             if self.paused_reason is not None:  # sent before the foreman heard we paused

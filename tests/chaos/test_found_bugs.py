@@ -7,13 +7,13 @@ suspect and runs alone, a multi-task batch is split at its second strike, a sing
 ``max_task_losses`` strikes). Tracing the foreman showed each such crash right after a CANCEL to that worker for
 *another* batch: the losing copy of a speculated batch, cancelled because the other copy won.
 
-Cause (worker/executor.py, ``Executor.stop_items`` and ``_Slot.kill``): the running items to stop are picked
-under ``self._lock``, but ``slot.kill()`` runs after the lock is released and kills whatever process the slot
-runs *then*. If the cancelled item finishes in between (its result is sent anyway) and the slot starts its next
-item, the kill hits the next item, whose ``stop_reason`` is empty, so ``_Slot._died`` reports it ``crashed``.
-The window is the time between releasing the lock and ``process.kill()`` on the thread that handles the CANCEL
-(the worker's event loop), which a thread switch (every 5 ms under the GIL) can stretch. The reproduction widens
-it deterministically: the kill waits until the slot has moved on to its next item.
+Cause (worker/executor.py, ``Executor.stop_items`` and ``_Slot.kill``, when each slot had its own thread): the
+running items to stop were picked under a lock, but ``slot.kill()`` ran after the lock was released and killed
+whatever process the slot ran *then*. If the cancelled item finished in between (its result is sent anyway) and
+the slot started its next item, the kill hit the next item, whose ``stop_reason`` was empty, so it was reported
+``crashed``. The reproduction widens the window deterministically: the kill waits until the slot has moved on
+to its next item. Since the executor runs on the worker's event loop (no slot threads), a slot cannot move on
+while ``stop_items`` runs; the test is kept to hold that.
 
 2. ``Foreman.close()`` waits for silent workers one after another. Found while working out the chaos job's
 teardown: with workers frozen or cut off, ``ForemanServer.close()`` (foreman/server.py) awaits
@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 
@@ -43,38 +45,44 @@ def test_a_cancel_that_races_its_batch_s_end_does_not_kill_the_next_batch() -> N
     loop_thread.start()
     outcomes: dict[int, object] = {}
     executor = Executor(1, lambda outcome: outcomes.__setitem__(outcome.item.start, outcome), loop)
-    executor.start()
+
+    def on_loop(fn: Callable[..., Any], *args: Any) -> Any:  # the executor runs on its event loop: call it there
+        async def call() -> Any:
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(call(), loop).result()
+
+    on_loop(executor.start)
     try:
         function = cloudpickle.dumps(time.sleep)
         digest = "time.sleep"
 
         def item(start: int, seconds: float) -> WorkItem:
             return WorkItem(job_id=1, start=start, count=1, digest=digest, function=function,
-                            call=protocol.CALL_ONE, payload=dumps_items([seconds]), session=1)
+                            call=protocol.CALL_ONE, payload=[dumps_items([seconds]).data], session=1)
 
         first, second = item(0, 0.5), item(1, 3.0)
-        executor.submit(first)
-        executor.submit(second)
+        on_loop(executor.submit, first)
+        on_loop(executor.submit, second)
         deadline = time.monotonic() + 60  # the task process starts first (spawn)
         while (1, 0, 1) not in executor.running:
             assert time.monotonic() < deadline, "the first batch never started"
             time.sleep(0.005)
 
         slot = executor._slots[0]
-        kill = slot.kill
+        kill = slot.end
 
         def preempted_kill() -> None:
             """The CANCEL handler loses the CPU for a second between choosing the slot and killing its process
             (the slot must not be able to move on to its next batch meanwhile)."""
-            slot.kill = kill  # once
+            slot.end = kill  # once
             until = time.monotonic() + 1
             while (1, 1, 1) not in executor.running and time.monotonic() < until:
                 time.sleep(0.001)
             time.sleep(0.05)
             kill()
 
-        slot.kill = preempted_kill
-        executor.stop_items(protocol.STATUS_CANCELLED, 1, 0)  # CANCEL {job 1, start 0}: the first batch only
+        slot.end = preempted_kill
+        on_loop(executor.stop_items, protocol.STATUS_CANCELLED, 1, 0)  # CANCEL {job 1, start 0}: the first batch only
 
         deadline = time.monotonic() + 30
         while len(outcomes) < 2:
@@ -84,7 +92,7 @@ def test_a_cancel_that_races_its_batch_s_end_does_not_kill_the_next_batch() -> N
         # The second batch was never asked to stop: it must run to completion.
         assert outcomes[1].status == protocol.STATUS_OK, f"{outcomes[1].status}: {outcomes[1].error}"
     finally:
-        executor.close()
+        on_loop(executor.close)
         loop.call_soon_threadsafe(loop.stop)
         loop_thread.join(timeout=10)
         loop.close()
