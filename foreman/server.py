@@ -27,6 +27,7 @@ from foreman.errors import ForemanClosedError, ProtocolError, TaskLostError
 from foreman.fleet import Fleet
 from foreman.jobs import placement_from_json
 from foreman.journal import RUNNING, Journal
+from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
 from foreman.serialization import ENV_FINGERPRINT, Pickled
@@ -85,11 +86,14 @@ class Peer:
     hello: dict[str, Any]
     principal: Principal
     connected_at: float = field(default_factory=time.time)
-    outbound: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
     leaving: bool = False  # said DRAIN: its close is clean
+    outbound: Outbound = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outbound = Outbound(self.ws)
 
     def send(self, data: bytes) -> None:
-        self.outbound.put_nowait(data)
+        self.outbound.send(data)
 
 
 class ForemanServer:
@@ -154,7 +158,11 @@ class ForemanServer:
         self.checkpoints: dict[int, dict[int, bytes]] = {}  # job -> task -> latest saved state (pickled)
         self.trust = Trust(self)
         self.bytes_in = 0
-        self.bytes_out = 0
+        self._bytes_out_gone = 0  # sent to peers no longer connected
+
+    @property
+    def bytes_out(self) -> int:
+        return self._bytes_out_gone + sum(peer.outbound.sent for peer in self.peers.values())
 
     @property
     def address(self) -> str:
@@ -342,7 +350,7 @@ class ForemanServer:
         peer = await self._handshake(ws)
         if peer is None:
             return
-        writer = asyncio.create_task(self._writer(peer))
+        writer = asyncio.create_task(peer.outbound.run())
         lost, reason = True, "connection lost"
         try:
             window, messages = time.monotonic(), 0
@@ -457,19 +465,11 @@ class ForemanServer:
             for job_id in self.stored:
                 self.scheduler.jobs[job_id].held_until = 0.0
 
-    async def _writer(self, peer: Peer) -> None:
-        while True:
-            data = await peer.outbound.get()
-            self.bytes_out += len(data)
-            try:
-                await peer.ws.send(data)
-            except ConnectionClosed:
-                return
-
     def _drop(self, peer: Peer, lost: bool, reason: str) -> None:
         if self.peers.get(peer.worker_id) is not peer:
             return  # already replaced or dropped
         del self.peers[peer.worker_id]
+        self._bytes_out_gone += peer.outbound.sent
         held = len(self.scheduler.workers[peer.worker_id].batches)
         failures = self.scheduler.remove_worker(peer.worker_id, lost)
         now = time.time()

@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from foreman import protocol, tls
 from foreman.errors import AuthenticationError, ProtocolError, VersionMismatchError
+from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from worker import pause, sysinfo
 from worker.config import WorkerConfig
@@ -81,7 +82,7 @@ class Worker:
         self.executor: Executor | None = None
         self.dashboard: Dashboard | None = None
         self._ws: ClientConnection | None = None
-        self._outbound: asyncio.Queue[bytes] | None = None
+        self._outbound: Outbound | None = None
         self._outbox: list[bytes] = []  # results finished while disconnected, sent on the next connection
         # Results a foreman with a journal has not confirmed yet (RECEIVED): sent again if it restarts meanwhile.
         self._unconfirmed: dict[tuple[int, int, int], bytes] = {}
@@ -315,14 +316,14 @@ class Worker:
         log.info("connected to %s as %s (session %s)", self.config.foreman_url, self.config.worker_id,
                  welcome.header["session"])
         self._confirms = bool(welcome.header.get("confirms_results"))
-        self._outbound = asyncio.Queue()
+        self._outbound = Outbound(ws)
         if self.paused_reason is not None:
             self._send(protocol.encode(Kind.PAUSE, {"paused": True, "reason": self.paused_reason}))
         queued = {id(data) for data in self._outbox}
         for data in [*self._outbox, *(d for d in self._unconfirmed.values() if id(d) not in queued)]:
-            self._outbound.put_nowait(data)
+            self._outbound.send(data)
         self._outbox.clear()
-        tasks = [asyncio.create_task(self._writer(ws, self._outbound)), asyncio.create_task(self._heartbeats(ws))]
+        tasks = [asyncio.create_task(self._outbound.run()), asyncio.create_task(self._heartbeats(ws))]
         try:
             async for data in ws:
                 self._last_heard = time.monotonic()
@@ -384,22 +385,10 @@ class Worker:
         held.extend([list(key) for key in self._unconfirmed])
         return {"foreman_session": self._foreman_session, "holding": held}
 
-    async def _writer(self, ws: ClientConnection, outbound: asyncio.Queue[bytes]) -> None:
-        while True:
-            data = await outbound.get()
-            try:
-                await ws.send(data)
-            except ConnectionClosed:
-                if data[0] == Kind.RESULTS:
-                    self._outbox.append(data)
-                return
-
-    def _salvage(self, outbound: asyncio.Queue[bytes] | None) -> None:
+    def _salvage(self, outbound: Outbound | None) -> None:
         """Keep unsent results for the next connection; drop everything else."""
-        while outbound is not None and not outbound.empty():
-            data = outbound.get_nowait()
-            if data[0] == Kind.RESULTS:
-                self._outbox.append(data)
+        if outbound is not None:
+            self._outbox.extend(data for data in outbound.unsent() if data[0] == Kind.RESULTS)
 
     async def _heartbeats(self, ws: ClientConnection) -> None:
         while True:
@@ -419,7 +408,7 @@ class Worker:
 
     def _send(self, data: bytes) -> None:
         if self._outbound is not None:
-            self._outbound.put_nowait(data)
+            self._outbound.send(data)
         elif data[0] == Kind.RESULTS:
             self._outbox.append(data)
 
