@@ -112,11 +112,15 @@ class _OutOfBandUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, buffers: Sequence[bytes | memoryview]) -> None:
         super().__init__(io.BytesIO(data))
         self._buffers = buffers
+        self._loaded: dict[int, bytes | bytearray] = {}  # an object referred to twice is rebuilt once
 
     def persistent_load(self, pid: Any) -> bytes | bytearray:
         writable, index = pid
-        buffer = self._buffers[index]
-        return bytearray(buffer) if writable else bytes(buffer)  # bytes(b) is b itself: no copy
+        obj = self._loaded.get(index)
+        if obj is None:
+            buffer = self._buffers[index]
+            obj = self._loaded[index] = bytearray(buffer) if writable else bytes(buffer)  # bytes(b) is b: no copy
+        return obj
 
 
 def dumps_items(items: Sequence[Any], first_index: int = 0, out_of_band: bool = True) -> Pickled:

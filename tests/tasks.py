@@ -129,3 +129,11 @@ def cheat_square(x: int) -> int:
     """``x * x``, except on a worker started with CROWDCOMPUTE_TEST_CHEAT set (a volunteer that lies)."""
     return x * x + 1 if os.environ.get("CROWDCOMPUTE_TEST_CHEAT") else x * x
 
+
+def describe_buffers(*args: object, **kwargs: object) -> list[tuple[str, int, int]]:
+    """(type name, length, first byte) of each argument (bytes-like), keyword arguments last."""
+    return [(type(x).__name__, len(x), x[0]) for x in (*args, *kwargs.values())]  # type: ignore[arg-type, index]
+
+
+def same_object(a: object, b: object) -> bool:
+    return a is b

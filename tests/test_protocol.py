@@ -263,6 +263,24 @@ def test_unknown_call_style_rejected(call: str) -> None:
     rejects(with_field(Kind.JOB, "call", call), match="unknown call style")
 
 
+def test_tasks_buffers_split_the_payload_into_views() -> None:
+    """TASKS may end its payload with out-of-band buffers whose sizes its ``buffers`` field lists."""
+    header = dict(VALID[Kind.TASKS], buffers=[3, 0, 2])
+    msg = decode(encode(Kind.TASKS, header, PAYLOAD, b"abc", b"", b"de"))
+    parts = protocol.payload_parts(msg)
+    assert [bytes(p) for p in parts] == [PAYLOAD, b"abc", b"", b"de"]
+    assert all(isinstance(p, memoryview) for p in parts)
+    assert [bytes(p) for p in protocol.payload_parts(decode(encode(Kind.TASKS, VALID[Kind.TASKS], PAYLOAD)))] == [
+        PAYLOAD]
+
+
+@pytest.mark.parametrize("sizes, match", [
+    ("3", "list of sizes"), ([1, -1], "list of sizes"), ([1.5], "list of sizes"), ([True], "list of sizes"),
+    ([len(PAYLOAD) + 1], "do not fit"), ([len(PAYLOAD), 1], "do not fit")])
+def test_malformed_tasks_buffers_rejected(sizes: Any, match: str) -> None:
+    rejects(encode(Kind.TASKS, dict(VALID[Kind.TASKS], buffers=sizes), PAYLOAD), match=match)
+
+
 # -- fuzzing -----------------------------------------------------------------------------------------------------
 
 
