@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import struct
 import threading
 import time
@@ -39,6 +40,8 @@ FUNCTION_CACHE_SIZE = 32
 MAX_ERRORS_SUMMARY = 20
 
 _COUNT = struct.Struct(">I")
+_SHORT = struct.Struct("!i")  # multiprocessing.Connection's framing: a length, or -1 and a 64-bit one
+_LONG = struct.Struct("!Q")
 
 
 def run_batch(fn: Any, call: str, items: list[Any], guard: TaskGuard, start: int = 0, conn: Connection | None = None,
@@ -75,10 +78,11 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
     guard = TaskGuard(limits)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     functions: OrderedDict[str, Any] = OrderedDict()
+    requests = socket.socket(fileno=os.dup(conn.fileno()))  # the same socket, read with MSG_WAITALL
     while True:
         try:
-            digest, fn_bytes, call, start, count, task_timeout, resume, parts = pickle.loads(conn.recv_bytes())
-            payload = [conn.recv_bytes() for _ in range(parts)]
+            digest, fn_bytes, call, start, count, task_timeout, resume, parts = pickle.loads(_receive(requests))
+            payload = [_receive(requests) for _ in range(parts)]
         except (EOFError, OSError):
             return
         if fn_bytes is not None:
@@ -100,6 +104,28 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
             results, errors = run_batch(fn, call, items, guard, start, conn, resume)
         summary = _summarise(errors, time.process_time() - cpu)
         conn.send_bytes(b"R" + _COUNT.pack(len(summary)) + summary + dumps_results(results, errors))
+
+
+def _receive(sock: socket.socket) -> bytes:
+    """One message in Connection framing, read straight into a bytes object of its size (Connection.recv_bytes
+    copies it once more, through a BytesIO)."""
+    size = _SHORT.unpack(_read_exactly(sock, _SHORT.size))[0]
+    if size == -1:
+        size = _LONG.unpack(_read_exactly(sock, _LONG.size))[0]
+    return _read_exactly(sock, size)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = sock.recv(size, socket.MSG_WAITALL) if size else b""
+    if len(data) == size:
+        return data
+    parts, got = [data], len(data)  # cut short by a signal
+    while got < size:
+        if not parts[-1]:
+            raise EOFError("the worker closed the pipe")
+        parts.append(sock.recv(size - got, socket.MSG_WAITALL))
+        got += len(parts[-1])
+    return b"".join(parts)
 
 
 def _summarise(errors: dict[int, ErrorEntry], cpu: float) -> bytes:

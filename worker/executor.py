@@ -195,6 +195,8 @@ class _Slot:
     def spawn(self) -> None:
         executor = self.executor
         parent, child = socket.socketpair()
+        for end in (parent, child):  # a whole batch of large arguments (or results) in one write, where allowed
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         conn = Connection(child.detach())
         try:
             channel = _Channel(executor._loop, parent, self._on_message, self._on_closed)
@@ -312,6 +314,10 @@ class _Slot:
 #: or -1 followed by a 64-bit one, then the message.
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
+#: Send buffer asked for on both ends of a channel (the system caps it: Linux at net.core.wmem_max). Batches cap
+#: their arguments at 4 MiB, so with this much the worker writes one in a single call instead of ping-ponging
+#: with the task process; the memory is only taken while data is in flight.
+_SOCKET_BUFFER = 4 * 1024 * 1024
 #: Bytes read from a channel per readable event.
 _READ_SIZE = 256 * 1024
 #: Buffers given to one sendmsg call (well under every system's IOV_MAX).
