@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 from foreman import Foreman
 from foreman.serialization import OUT_OF_BAND_BYTES, dumps_items, loads_items, split_payload
@@ -46,3 +47,14 @@ def test_tasks_get_large_arguments_as_bytes_and_bytearray(fm: Foreman) -> None:
 def test_one_object_passed_twice_arrives_as_one_object(fm: Foreman) -> None:
     big = b"s" * BIG
     assert fm.submit(same_object, big, big).result(timeout=60) is True
+
+
+def test_a_remote_client_and_a_detached_job_send_large_arguments_in_band(tmp_path: Path) -> None:
+    """The journal keeps one pickle per batch, and a client's INPUT is one pickle: no out-of-band buffers there."""
+    big = b"\x07" * (2 * BIG)
+    with Foreman(port=0, local_workers=2, dashboard=False, token="secret", data_dir=str(tmp_path)) as fm:
+        job = fm.submit_job(describe_buffers, [big, b"\x08"])
+        assert fm.job(job.id).results(timeout=60) == [[("bytes", 2 * BIG, 7)], [("bytes", 1, 8)]]
+        with Foreman.connect(fm.address, token="secret") as client:
+            assert client.map(describe_buffers, [big] * 3) == [[("bytes", 2 * BIG, 7)]] * 3
+            assert client.submit(describe_buffers, big).result(timeout=60) == [("bytes", 2 * BIG, 7)]
