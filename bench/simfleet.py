@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 
 from foreman import protocol
 from foreman.protocol import CALL_ONE, CALL_STAR, Kind
-from foreman.serialization import ErrorEntry, dumps_results, error_entry
+from foreman.serialization import ErrorEntry, dumps_results, error_entry, loads_items
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ class SimWorker:
         self.ws = ws
         self.functions = functions  # digest -> function, shared by the process's workers
         self.jobs: dict[int, tuple[str, str]] = {}  # job -> (digest, call style)
-        self.queue: deque[tuple[int, int, int, bytes]] = deque()
+        self.queue: deque[tuple[int, int, int, list[bytes]]] = deque()
         self.ready = asyncio.Event()
         self.cancelled: set[int] = set()  # jobs whose remaining batches are dropped
         self.running: tuple[int, int, int] | None = None
@@ -89,7 +89,8 @@ class SimWorker:
             self.jobs[header["job"]] = (digest, header["call"])
             self.cancelled.discard(header["job"])
         elif kind is Kind.TASKS:
-            self.queue.append((header["job"], header["start"], header["count"], bytes(msg.payload)))
+            parts = [bytes(part) for part in protocol.payload_parts(msg)]  # the pickle, then out-of-band buffers
+            self.queue.append((header["job"], header["start"], header["count"], parts))
             self.ready.set()
         elif kind is Kind.CANCEL:
             start = header.get("start")
@@ -110,7 +111,7 @@ class SimWorker:
             digest, call = self.jobs[job]
             loop = asyncio.get_running_loop()
             began = loop.time()
-            results, errors = await _apply(self.functions[digest], call, pickle.loads(payload))
+            results, errors = await _apply(self.functions[digest], call, loads_items(payload[0], payload[1:]))
             self.running = None
             if job in self.cancelled:
                 continue
