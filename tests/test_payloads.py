@@ -5,9 +5,15 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from foreman import Foreman
-from foreman.serialization import OUT_OF_BAND_BYTES, dumps_items, loads_items, split_payload
 from tasks import describe_buffers, same_object
+
+from foreman import Foreman
+from foreman.serialization import (
+    OUT_OF_BAND_BYTES,
+    dumps_items,
+    loads_items,
+    split_payload,
+)
 
 BIG = OUT_OF_BAND_BYTES
 
