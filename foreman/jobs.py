@@ -352,8 +352,12 @@ class Job:
 
     def _window(self) -> int:
         """Batches allowed out at once: enough to keep every worker busy while the oldest batch (which
-        ordered results wait for) is held up on a slow worker, and no more."""
-        return max(16, 4 * self._foreman._backend.capacity + 4)
+        ordered results wait for) is held up on a slow worker, and no more. Until the first result tells how
+        long a task takes, one single-task batch per slot: probes, rather than a window of batches cut blind."""
+        backend = self._foreman._backend
+        if self._batcher.seconds_per_task is None and self._batcher.chunksize is None:
+            return max(2, backend.slots)
+        return max(16, 4 * backend.capacity + 4)
 
     def _feed(self) -> None:
         index = 0
