@@ -21,6 +21,7 @@ from foreman import protocol
 from foreman.auth import ADMIN, CLIENT, Principal
 from foreman.errors import ProtocolError
 from foreman.journal import JobRow, Output
+from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.serialization import Pickled
 from foreman.stored import StoredJob
@@ -39,23 +40,14 @@ class ClientPeer:
         self.principal = principal
         self.attached: set[int] = set()
         self.last_heard = time.monotonic()
-        self.outbound: asyncio.Queue[bytes] = asyncio.Queue()
+        self.outbound = Outbound(ws)
 
     @property
     def admin(self) -> bool:
         return self.principal.role == ADMIN
 
     def send(self, data: bytes) -> None:
-        self.outbound.put_nowait(data)
-
-    async def write(self) -> None:
-        """Send queued messages in order until the connection closes."""
-        while True:
-            data = await self.outbound.get()
-            try:
-                await self.ws.send(data)
-            except ConnectionClosed:
-                return
+        self.outbound.send(data)
 
     def output(self, output: Output, fed: int) -> None:
         header: dict[str, Any] = {"job": output.job, "seq": output.seq, "start": output.start,
@@ -103,7 +95,7 @@ class ClientService:
             **self.capacity()}))
         log.info("client %s (%s) connected from %s", peer.client_id, principal.name, ws.remote_address,
                  extra={"client": peer.client_id})
-        writer = asyncio.create_task(peer.write())
+        writer = asyncio.create_task(peer.outbound.run())
         try:
             async for data in ws:
                 peer.last_heard = time.monotonic()

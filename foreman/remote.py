@@ -35,6 +35,7 @@ from foreman.errors import (
     rebuild_failure,
 )
 from foreman.jobs import placement_to_json
+from foreman.outbound import Outbound
 from foreman.protocol import Kind
 from foreman.serialization import Pickled
 
@@ -102,7 +103,7 @@ class RemoteBackend:
         self._refs = 0
         self._queries: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ws: ClientConnection | None = None
-        self._outbound: asyncio.Queue[bytes] | None = None
+        self._outbound: Outbound | None = None
         self._ready: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
@@ -189,7 +190,7 @@ class RemoteBackend:
         self.heartbeat_interval = min(self.heartbeat_interval, float(header["heartbeat_interval"]))
         self._capacity(header)
         self._ws = ws
-        self._outbound = outbound = asyncio.Queue()
+        self._outbound = outbound = Outbound(ws)
         self._last_heard = time.monotonic()
         for job in set(self.jobs.values()):  # pick up where the last connection left off
             job.sent = job.fed
@@ -200,7 +201,7 @@ class RemoteBackend:
                 self._send(Kind.ATTACH, {"job": job.job_id, "after": job.max_seq})
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
-        helpers = [asyncio.create_task(self._heartbeats(ws)), asyncio.create_task(self._write(ws, outbound))]
+        helpers = [asyncio.create_task(self._heartbeats(ws)), asyncio.create_task(outbound.run())]
         try:
             async for data in ws:
                 self._last_heard = time.monotonic()
@@ -228,15 +229,7 @@ class RemoteBackend:
         """Queue a message for this connection, in order; dropped if there is none (a reconnect sends again
         what matters)."""
         if self._outbound is not None:
-            self._outbound.put_nowait(protocol.encode(kind, header, payload))
-
-    async def _write(self, ws: ClientConnection, outbound: asyncio.Queue[bytes]) -> None:
-        while True:
-            data = await outbound.get()
-            try:
-                await ws.send(data)
-            except ConnectionClosed:
-                return
+            self._outbound.send(protocol.encode(kind, header, payload))
 
     # -- the backend calls (see foreman.jobs) ----------------------------------------------------------------
 
