@@ -36,6 +36,10 @@ from worker.limits import Limits
 log = logging.getLogger("crowdcompute.worker")
 
 _COUNT = struct.Struct(">I")
+#: A killed task process is reaped within milliseconds; its batch ends then (checked every REAP_POLL seconds),
+#: or after REAP_SECONDS if it is stuck in the kernel (its exit code is then unknown).
+REAP_POLL = 0.002
+REAP_SECONDS = 5.0
 
 
 @dataclass(eq=False)
@@ -191,6 +195,7 @@ class _Slot:
         self.item: WorkItem | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._overrun = ""  # set when the backstop killed the process: the batch's error
+        self._reaping = False  # killed, waiting for the process to be reaped before its batch ends
 
     def spawn(self) -> None:
         executor = self.executor
@@ -232,14 +237,24 @@ class _Slot:
 
     def end(self) -> None:
         """Kill the task process (if not dead already); its batch, if any, ends with the reason it was stopped,
-        the backstop's error, or how the process died. The next batch gets a fresh process."""
+        the backstop's error, or how the process died, once the process is reaped (polled from the loop, which
+        never waits on it). The next batch gets a fresh process."""
+        if self._reaping:
+            return
         process, channel = self.process, self.channel
         self.process = self.channel = None
         if channel is not None:
             channel.close()
         if process is not None and process.exitcode is None:
             process.kill()
-            process.join(timeout=5)  # dead or dying: this is short, and gives describe_exit its code
+        self._reaping = True
+        self._reap(process, time.monotonic() + REAP_SECONDS)
+
+    def _reap(self, process: Any, deadline: float) -> None:
+        if process is not None and process.exitcode is None and time.monotonic() < deadline:
+            self.executor._loop.call_later(REAP_POLL, self._reap, process, deadline)
+            return
+        self._reaping = False
         item = self.item
         if item is None:
             return
@@ -252,9 +267,7 @@ class _Slot:
         self._finish(outcome)
 
     def _on_closed(self) -> None:
-        """The child's end closed: it exited or was killed. Give it a moment to be reaped, for its exit code."""
-        if self.process is not None:
-            self.process.join(timeout=1)
+        """The child's end closed: it exited or was killed (its exit code is read once it is reaped)."""
         self.end()
 
     def close(self) -> None:
