@@ -191,3 +191,26 @@ def test_verification_flags_need_a_wss_address() -> None:
         WorkerConfig(foreman_url="ws://127.0.0.1:9000", cafile="ca.pem")
     with pytest.raises(ValueError, match="64 hex digits"):
         WorkerConfig(foreman_url="wss://127.0.0.1:9000", fingerprint="sha256:abc")
+
+
+@pytest.mark.parametrize("verify", ["cafile", "fingerprint"])
+def test_a_client_that_verifies_its_foreman_runs_a_map_over_wss(pki: SimpleNamespace, verify: str) -> None:
+    """A remote client checks a wss:// foreman by CA or by pinned fingerprint, then works as usual."""
+    with Foreman(port=0, token=TOKEN, certfile=str(pki.cert), keyfile=str(pki.key), local_workers=1,
+                 dashboard=False) as fm:
+        option = {"cafile": str(pki.ca)} if verify == "cafile" else {"fingerprint": pki.fingerprint}
+        with Foreman.connect(fm.address, token=TOKEN, **option) as client:
+            assert client.map(square, range(20)) == [x * x for x in range(20)]
+
+
+def test_a_client_refuses_a_foreman_it_cannot_verify_before_sending_its_token(pki: SimpleNamespace) -> None:
+    """A wrong CA or a wrong pin stops the client before its token leaves: the server never sees it."""
+    from foreman.errors import AuthenticationError
+
+    with RecordingServer(pki) as recorder:
+        wrong_pin = "sha256:" + "0" * 64
+        with pytest.raises(AuthenticationError, match="fingerprint"):
+            Foreman.connect(recorder.address, token=TOKEN, fingerprint=wrong_pin)
+        with pytest.raises(ConnectionError, match="cannot reach the foreman"):
+            Foreman.connect(recorder.address, token=TOKEN, cafile=str(pki.other_ca))
+        assert not recorder.saw(TOKEN)
