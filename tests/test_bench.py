@@ -28,3 +28,13 @@ def test_quick_benchmark_prints_a_table_and_writes_json_lines(tmp_path) -> None:
         assert ("multiprocessing", workload) in measured
     for workload in ("imap", "scaling", "fleet"):
         assert ("crowdcompute", workload) in measured
+
+
+def test_floor_benchmark_measures_the_three_transports() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "floor.py")], capture_output=True, text=True,
+                          timeout=120, env=worker_env(), cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and line.endswith(" |")]
+    figures = [float(row.rsplit("|", 2)[1]) for row in rows[2:]]
+    assert len(figures) == 4 and all(f > 0 for f in figures)
+    assert abs(sum(figures[:3]) - figures[3]) < 0.002
