@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between worker heartbeats")
     parser.add_argument("--heartbeat-timeout", type=float, default=30.0,
                         help="seconds of silence after which a worker is declared lost")
+    parser.add_argument("--speculation", type=float, default=3.0, metavar="FACTOR",
+                        help="at a job's tail, start a second copy of a batch running this many times longer than "
+                             "the job's typical task on an idle worker, first result wins (default 3; 0: never, "
+                             "so no task is ever run twice on purpose)")
     parser.add_argument("--log-level", default=os.environ.get("CROWDCOMPUTE_LOG_LEVEL", "INFO"),
                         help="DEBUG, INFO, WARNING or ERROR (env CROWDCOMPUTE_LOG_LEVEL)")
     parser.add_argument("--log-json", action="store_true",
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         fm = Foreman(host=args.host, port=args.port, token=args.token, token_file=args.token_file,
                      local_workers=args.local_workers,
                      heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+                     speculation=args.speculation or None,
                      dashboard=not args.no_dashboard, http_port=args.http_port, certfile=args.certfile,
                      keyfile=args.keyfile, data_dir=args.data_dir, retention=args.retention,
                      client_grace=args.client_grace)

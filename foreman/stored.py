@@ -38,6 +38,7 @@ class StoredJob:
         self.journal = journal
         self.subscribers: list[Subscriber] = []
         self.orphaned_at: float | None = None  # when its last subscriber went away (for the orphan rule)
+        self.over = False  # its end is journaled and told: a later end (cancelling an aborted job) changes nothing
         self._next_seq = row.next_seq
 
     def add_input(self, start: int, count: int, payload: bytes | memoryview) -> bool:
@@ -74,6 +75,8 @@ class StoredJob:
         return True
 
     def finished(self, cancelled: bool) -> None:
+        if self.over:
+            return
         self.journal.finish_job(self.id, protocol.JOB_CANCELLED_STATE if cancelled else protocol.JOB_DONE_STATE)
         self._ended()
 
@@ -99,6 +102,7 @@ class StoredJob:
             subscriber.output(output, self.fed)
 
     def _ended(self) -> None:
+        self.over = True
         row = self.journal.job(self.id)
         if row is not None:
             for subscriber in list(self.subscribers):

@@ -165,8 +165,9 @@ def test_detached_job_is_fetched_from_another_process(service: Service) -> None:
 
 def test_foreman_killed_mid_job_resumes_without_running_anything_twice(tmp_path: Path) -> None:
     """SIGKILL the foreman while a job runs, restart it on the same data dir: the client reconnects, the job
-    finishes with exact results, and every task was executed exactly once (counted in a side-effect file)."""
-    service = Service(tmp_path).start()
+    finishes with exact results, and every task was executed exactly once (counted in a side-effect file).
+    Speculative copies are off: they run a slow task twice on purpose."""
+    service = Service(tmp_path, "--speculation", "0").start()
     log = str(tmp_path / "executions.log")
     try:
         service.add_workers(2)
@@ -187,8 +188,9 @@ def test_foreman_killed_mid_job_resumes_without_running_anything_twice(tmp_path:
 
 
 def test_detached_job_survives_a_foreman_restart(tmp_path: Path) -> None:
-    """A detached job whose foreman is killed mid-way finishes after the restart; its results are all kept."""
-    service = Service(tmp_path).start()
+    """A detached job whose foreman is killed mid-way finishes after the restart; its results are all kept, and
+    no task ran twice (speculative copies off, as above)."""
+    service = Service(tmp_path, "--speculation", "0").start()
     log = str(tmp_path / "executions.log")
     try:
         service.add_workers(2)
