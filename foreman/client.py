@@ -24,24 +24,13 @@ from foreman.auth import Authenticator
 from foreman.errors import ForemanClosedError
 from foreman.executor import ForemanExecutor
 from foreman.handles import JobHandle, LocalSubscriber
-from foreman.jobs import (
-    Job,
-    JobOptions,
-    SubmittedTask,
-    _pickle_fitting,
-    placement_to_json,
-)
+from foreman.jobs import Job, JobOptions, SubmitStream, _pickle_fitting, placement_to_json
 from foreman.journal import Journal
 from foreman.local import LocalWorkers
 from foreman.remote import RemoteBackend
 from foreman.serialization import Pickled, dumps_function, ship_by_value
 from foreman.server import ForemanServer
-from foreman.tls import (
-    certificate_fingerprint,
-    client_context,
-    parse_fingerprint,
-    server_context,
-)
+from foreman.tls import certificate_fingerprint, client_context, parse_fingerprint, server_context
 
 log = logging.getLogger("crowdcompute.foreman")
 
@@ -123,6 +112,7 @@ class Foreman(AsyncAPI):
         self._thread.start()
         self._closed = False
         self._default_options = JobOptions()
+        self._streams: dict[tuple[str, int], SubmitStream] = {}  # open submit streams (event loop only)
         self._server: ForemanServer | None = None
         self._local: LocalWorkers | None = None
         self._backend: ForemanServer | RemoteBackend
@@ -252,8 +242,21 @@ class Foreman(AsyncAPI):
         limit = self._backend.max_message_size - protocol.MAX_HEADER_SIZE
         ((_, _, payload),) = _pickle_fitting([(args, kwargs)], 0, limit, self._backend.out_of_band)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        SubmittedTask(self, future, digest, function, payload, getattr(fn, "__qualname__", repr(fn)), options)
+        self._post(self._submit_on_loop, (digest, id(options)), digest, function,
+                   getattr(fn, "__qualname__", repr(fn)), options, future, payload)
         return future
+
+    def _submit_on_loop(self, key: tuple[str, int], digest: str, function: bytes, name: str, options: JobOptions,
+                        future: concurrent.futures.Future[Any], payload: Pickled) -> None:
+        """Add one call to the open stream of its function and options, opening one if needed."""
+        try:
+            stream = self._streams.get(key)
+            if stream is None or not stream.open:
+                stream = self._streams[key] = SubmitStream(self, key, digest, function, name, options)
+            stream.add(future, payload)
+        except Exception as exc:  # e.g. an option the foreman refuses: the caller's future says so
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
 
     def _ship(self, fn: Callable[..., Any]) -> None:
         """Connected to a foreman whose workers are elsewhere: a function from a local module travels by value."""

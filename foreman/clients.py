@@ -145,7 +145,11 @@ class ClientService:
                 self.server.close_input(stored.id)
         elif kind is Kind.ABORT:
             if self._running(peer, header["job"]) is not None:
-                self.server.cancel_job(header["job"])
+                start = header.get("start")
+                if type(start) is int:
+                    self.server.cancel_batch(header["job"], start)
+                else:
+                    self.server.cancel_job(header["job"])
         elif kind is Kind.ATTACH:
             self._attach(peer, header["job"], header["after"])
         elif kind is Kind.ACK:

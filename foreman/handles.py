@@ -109,7 +109,7 @@ class JobHandle:
         self._error = error
         self._end.set()
 
-    def started(self) -> bool:
+    def starting(self, start: int) -> bool:
         return True
 
     def finished(self, cancelled: bool) -> None:

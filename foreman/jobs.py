@@ -406,7 +406,7 @@ class Job:
         self._abort_error = error
         self._outcomes.put(_ABORTED)
 
-    def started(self) -> bool:
+    def starting(self, start: int) -> bool:
         return True
 
     def finished(self, cancelled: bool) -> None:
@@ -415,76 +415,145 @@ class Job:
         self._outcomes.put(_FINISHED)
 
 
-class SubmittedTask:
-    """One ``submit()`` call: a job of a single task, resolved into a concurrent.futures.Future."""
+#: Seconds a submit stream's job stays open with nothing in flight before it is closed (the next ``submit``
+#: of that function opens a new one). Longer keeps the function on the workers across pauses in a submit loop.
+STREAM_IDLE_SECONDS = 1.0
 
-    def __init__(self, foreman: Foreman, future: concurrent.futures.Future[Any], digest: str, function: bytes,
-                 payload: Pickled, name: str, options: JobOptions = JobOptions()) -> None:
+
+class SubmitStream:
+    """Every ``submit()`` of one function with one set of options, as one job with a one-task batch per call.
+
+    One job rather than a job per call: the function is shipped once, the scheduler looks at one job however
+    many calls wait (a job per call made each dispatch walk every waiting call), and the dashboard shows one job.
+    The job closes after :data:`STREAM_IDLE_SECONDS` with nothing in flight. Every method runs on the foreman's
+    event loop; user threads reach it with ``Foreman._post``.
+    """
+
+    def __init__(self, foreman: Foreman, key: tuple[str, int], digest: str, function: bytes, name: str,
+                 options: JobOptions) -> None:
         self._foreman = foreman
-        self.future = future
-        self.id = 0
-        server = foreman._backend
+        self._key = key
+        self.options = options  # also keeps the key's id() from being reused
+        backend = foreman._backend
+        self.id = backend.add_job(digest, function, protocol.CALL_FULL, self, name, None, **options.placement())
+        self._futures: dict[int, concurrent.futures.Future[Any]] = {}
+        self._next = 0
+        self._open = True
+        self._idle: Any = None  # the timer that closes the job when nothing is in flight
 
-        def register() -> None:
-            self.id = server.add_job(digest, function, protocol.CALL_FULL, self, name, 1, **options.placement())
-            server.add_batch(self.id, 0, 1, payload)
-            server.close_input(self.id)
+    @property
+    def open(self) -> bool:
+        return self._open
 
-        foreman._post(register)
-        future.add_done_callback(self._on_future_done)
+    def add(self, future: concurrent.futures.Future[Any], payload: Pickled) -> None:
+        """Run one call: its arguments are ``payload``, its result goes to ``future``."""
+        index = self._next
+        self._next += 1
+        self._futures[index] = future
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        future.add_done_callback(lambda f: self._on_done(f, index))
+        self._foreman._backend.add_batch(self.id, index, 1, payload)
 
-    def _on_future_done(self, future: concurrent.futures.Future[Any]) -> None:
+    def _on_done(self, future: concurrent.futures.Future[Any], index: int) -> None:
+        """Any thread: a future was cancelled by its user (or settled: nothing to do)."""
         if future.cancelled():
             try:
-                self._foreman._post(self._cancelled_by_user)
+                self._foreman._post(self._cancel, index)
             except RuntimeError:  # the foreman is closed
-                self._notify_cancelled()
+                _notify_cancelled(future)
 
-    def _cancelled_by_user(self) -> None:
-        self._notify_cancelled()
-        self._foreman._backend.cancel_job(self.id)
+    def _cancel(self, index: int) -> None:
+        future = self._futures.pop(index, None)
+        if future is not None:
+            _notify_cancelled(future)
+            self._foreman._backend.cancel_batch(self.id, index)
+        self._maybe_idle()
 
-    def _notify_cancelled(self) -> None:
-        """Move a cancelled future to CANCELLED_AND_NOTIFIED, so wait() and as_completed() see it done."""
-        try:
-            self.future.set_running_or_notify_cancel()
-        except RuntimeError:
-            pass  # already notified
+    def _maybe_idle(self) -> None:
+        if not self._futures and self._open and self._idle is None:
+            self._idle = self._foreman._loop.call_later(STREAM_IDLE_SECONDS, self._close)
+
+    def _close(self) -> None:
+        self._idle = None
+        if self._futures or not self._open:
+            return
+        self._open = False
+        self._foreman._streams.pop(self._key, None)
+        self._foreman._backend.close_input(self.id)
+
+    # -- JobSink ---------------------------------------------------------------------------------------------
 
     def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float, worker: str) -> None:
-        try:
-            results, errors = loads_results(payload, 1, self._foreman._backend.trust_workers)
-        except SerializationError as exc:
-            self._settle(exc, failed=True)
-            return
-        if errors:
-            self._settle(rebuild_exception(errors.get(0), self._foreman._backend.trust_workers), failed=True)
-        else:
-            self._settle(results[0], failed=False)
+        future = self._futures.pop(start, None)
+        if future is not None:
+            trusted = self._foreman._backend.trust_workers
+            try:
+                results, errors = loads_results(payload, 1, trusted)
+            except SerializationError as exc:
+                _settle(future, exc, failed=True)
+            else:
+                if errors:
+                    _settle(future, rebuild_exception(errors[0], trusted), failed=True)
+                else:
+                    _settle(future, results[0], failed=False)
+        self._maybe_idle()
 
     def fail(self, start: int, count: int, error: BaseException) -> None:
-        self._settle(error, failed=True)
+        for index in range(start, start + count):
+            future = self._futures.pop(index, None)
+            if future is not None:
+                _settle(future, error, failed=True)
+        self._maybe_idle()
 
     def aborted(self, error: BaseException) -> None:
-        self._settle(error, failed=True)
+        self._end(error, cancel_pending=False)
 
-    def started(self) -> bool:
-        if self.future.cancelled():
-            self._notify_cancelled()
+    def starting(self, start: int) -> bool:
+        future = self._futures.get(start)
+        if future is None:
             return False
-        return self.future.set_running_or_notify_cancel()  # False if cancelled just now, from another thread
+        if future.set_running_or_notify_cancel():  # False if cancelled just now, from another thread
+            return True
+        self._futures.pop(start, None)
+        return False
 
     def finished(self, cancelled: bool) -> None:
-        if cancelled and not self.future.cancel():  # already running: it cannot be marked cancelled
-            self._settle(concurrent.futures.CancelledError(f"job {self.id} was cancelled"), failed=True)
+        self._end(concurrent.futures.CancelledError(f"job {self.id} was cancelled"), cancel_pending=True)
 
-    def _settle(self, value: Any, failed: bool) -> None:
-        if self.future.done():
-            return
-        if failed:
-            self.future.set_exception(value)
-        else:
-            self.future.set_result(value)
+    def _end(self, error: BaseException, cancel_pending: bool) -> None:
+        """The job is over: calls still waiting get ``error`` (cancelled instead, if not started and
+        ``cancel_pending``)."""
+        self._open = False
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self._foreman._streams.get(self._key) is self:
+            del self._foreman._streams[self._key]
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
+            if cancel_pending and future.cancel():
+                _notify_cancelled(future)
+            else:  # a running future cannot be marked cancelled
+                _settle(future, error, failed=True)
+
+
+def _notify_cancelled(future: concurrent.futures.Future[Any]) -> None:
+    """Move a cancelled future to CANCELLED_AND_NOTIFIED, so wait() and as_completed() see it done."""
+    try:
+        future.set_running_or_notify_cancel()
+    except RuntimeError:
+        pass  # already notified
+
+
+def _settle(future: concurrent.futures.Future[Any], value: Any, failed: bool) -> None:
+    if future.done():
+        return
+    if failed:
+        future.set_exception(value)
+    else:
+        future.set_result(value)
 
 
 def _progress_bar(name: str, total: int | None) -> Any:

@@ -61,6 +61,7 @@ class _RemoteJob:
     fed: int = 0  # tasks of input the foreman confirmed
     input_closed: bool = False
     end_sent: bool = False  # INPUT_END sent on this connection
+    cancelled_batches: deque[int] = field(default_factory=deque)  # starts of batches to cancel, once sent
     cancel: bool = False
     max_seq: int = 0  # results received up to here
     acked: int = 0
@@ -270,6 +271,14 @@ class RemoteBackend:
         self._flush(job)
         return True
 
+    def cancel_batch(self, job_id: int, start: int) -> None:
+        """One batch of a job (a ``submit`` call) never runs, or is killed; sent after its INPUT, so the input
+        stays contiguous."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.cancelled_batches.append(start)
+            self._flush(job)
+
     async def accepted(self, job_id: int) -> int:
         """The foreman's id of a job once it accepted it (raises why it refused it)."""
         return await self.jobs[job_id].accepted
@@ -305,6 +314,8 @@ class RemoteBackend:
             if start >= job.sent:
                 self._send(Kind.INPUT, {"job": job.job_id, "start": start, "count": count}, payload)
                 job.sent = start + count
+        while job.cancelled_batches and job.cancelled_batches[0] < job.sent:
+            self._send(Kind.ABORT, {"job": job.job_id, "start": job.cancelled_batches.popleft()})
         if job.input_closed and not job.end_sent:
             job.end_sent = True
             self._send(Kind.INPUT_END, {"job": job.job_id})

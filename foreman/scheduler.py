@@ -432,6 +432,26 @@ class Scheduler:
             self._runnable.remove(job_id)
         return running
 
+    def cancel_batch(self, job_id: int, start: int) -> list[str]:
+        """Cancel one live batch (one ``submit`` call); returns the workers running it, to be killed there."""
+        job = self.jobs.get(job_id)
+        batch = job.live.get(start) if job is not None else None
+        if job is None or batch is None:
+            return []
+        running = sorted(batch.holders)
+        for worker_id in running:
+            self._release(self.workers[worker_id], batch.key)
+        batch.holders.clear()
+        if batch.state is State.QUEUED:
+            (job.suspects if batch.suspect else job.queue).remove(batch)  # O(queue): a user's cancel
+        job.flying.pop(start, None)
+        job.replicas.pop(start, None)
+        self._refresh_runnable(job)
+        _move(batch, Event.CANCEL)
+        del job.live[start]
+        job.tasks_total -= batch.count
+        return running
+
     def forget_job(self, job_id: int) -> list[str]:
         """Drop a finished job; returns the workers holding its function, to be told they may forget it."""
         self.jobs.pop(job_id)

@@ -57,8 +57,8 @@ class JobSink(Protocol):
 
     def aborted(self, error: BaseException) -> None: ...
 
-    def started(self) -> bool:
-        """The job's first batch is about to be sent; False cancels the job instead."""
+    def starting(self, start: int) -> bool:
+        """The batch at ``start`` is about to be sent for the first time; False cancels that batch instead."""
         ...
 
     def finished(self, cancelled: bool) -> None: ...
@@ -72,7 +72,6 @@ class _JobRecord:
     call: str
     sink: JobSink
     task_timeout: float | None = None
-    started: bool = False
     validation: Policy | None = None  # redundancy / spot checks; None: the first result is taken
     wants_gpu: bool = False  # asked for a GPU (credit counts GPU-seconds)
 
@@ -335,6 +334,17 @@ class ForemanServer:
         self._pump()
         return True
 
+    def cancel_batch(self, job_id: int, start: int) -> None:
+        """One batch of a job (one ``submit`` call) never runs, or is killed where it runs; the job goes on."""
+        if job_id not in self.jobs:
+            return
+        for worker_id in self.scheduler.cancel_batch(job_id, start):
+            peer = self.peers.get(worker_id)
+            if peer is not None:
+                peer.send(protocol.encode(Kind.CANCEL, {"job": job_id, "start": start}))
+        self._maybe_finish(job_id)
+        self._pump()
+
     def restart_worker(self, worker_id: str, hard: bool = False) -> bool:
         """Relay a restart to a worker over its own connection (works behind NAT). False if not connected."""
         peer = self.peers.get(worker_id)
@@ -582,28 +592,32 @@ class ForemanServer:
         self.stored.pop(job_id, None)
 
     def _pump(self) -> None:
-        """Send whatever the scheduler assigns now. A job's sink hears that it starts before its first batch is
-        sent, and may refuse (a future cancelled meanwhile): then nothing of it is sent and it is cancelled."""
-        refused: set[int] = set()
+        """Send whatever the scheduler assigns now. A job's sink hears that a batch starts before it is first
+        sent, and may refuse (its future was cancelled meanwhile): then it is not sent, and is cancelled."""
+        refused: list[tuple[int, int]] = []
         for assignment in self.scheduler.dispatch():
-            record = self.jobs[assignment.batch.job_id]
-            if not record.started:
-                record.started = True
-                if not record.sink.started():
-                    refused.add(record.id)
-            if record.id not in refused:
+            batch = assignment.batch
+            record = self.jobs[batch.job_id]
+            if batch.attempts == 1 and not record.sink.starting(batch.start):
+                refused.append((batch.job_id, batch.start))
+                if assignment.ship_function:  # the scheduler counts the function as sent to that worker
+                    self._ship_function(self.peers[assignment.worker_id], record)
+            else:
                 self._send_assignment(assignment, record)
-        for job_id in refused:
-            self.cancel_job(job_id)
+        for job_id, start in refused:
+            self.cancel_batch(job_id, start)
+
+    def _ship_function(self, peer: Peer, record: _JobRecord) -> None:
+        header = {"job": record.id, "digest": record.digest, "call": record.call}
+        if record.task_timeout is not None:
+            header["task_timeout"] = record.task_timeout
+        peer.send(protocol.encode(Kind.JOB, header, record.function))
 
     def _send_assignment(self, assignment: Assignment, record: _JobRecord) -> None:
         peer = self.peers[assignment.worker_id]
         batch = assignment.batch
         if assignment.ship_function:
-            header = {"job": record.id, "digest": record.digest, "call": record.call}
-            if record.task_timeout is not None:
-                header["task_timeout"] = record.task_timeout
-            peer.send(protocol.encode(Kind.JOB, header, record.function))
+            self._ship_function(peer, record)
         saved = self.checkpoints.get(batch.job_id)
         if saved:  # resume tasks from their last checkpoint
             for task in range(batch.start, batch.start + batch.count):

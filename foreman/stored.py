@@ -71,7 +71,7 @@ class StoredJob:
             self.journal.finish_job(self.id, protocol.JOB_FAILED_STATE, str(error))
             self._ended()
 
-    def started(self) -> bool:
+    def starting(self, start: int) -> bool:
         return True
 
     def finished(self, cancelled: bool) -> None:
