@@ -553,6 +553,8 @@ class ForemanServer:
                 if saved:
                     for task in range(start, start + count):
                         saved.pop(task, None)
+                    if not saved:
+                        del self.checkpoints[job_id]
                 record.sink.deliver(start, count, payload, elapsed, peer.worker_id)
                 self._maybe_finish(job_id)
         elif status == protocol.STATUS_CRASHED:

@@ -148,6 +148,8 @@ class Trust:
         if saved:
             for task in range(start, start + batch.count):
                 saved.pop(task, None)
+            if not saved:
+                del server.checkpoints[record.id]
 
     def forget_job(self, job_id: int) -> None:
         """Drop the candidates of a finished (or cancelled) job."""
