@@ -207,20 +207,36 @@ def test_detached_job_survives_a_foreman_restart(tmp_path: Path) -> None:
 
 
 def test_clients_share_the_fleet_by_owner(service: Service) -> None:
-    """alice runs three jobs, bob one: bob gets about half the fleet, not a quarter. When bob's job is done,
-    alice has done about as many tasks as he has (far fewer than the three-to-one a per-job share gives)."""
-    with connect(service) as alice, connect(service, "bob-token-12") as bob:
-        alice_jobs = [alice.imap_unordered(nap_square, range(300), chunksize=2) for _ in range(3)]
-        readers = [threading.Thread(target=_read_until_cancelled, args=(job,)) for job in alice_jobs]
-        for reader in readers:
-            reader.start()
-        assert bob.map(nap_square, range(100), chunksize=2) == [x * x for x in range(100)]
-        alice_done = sum(job.progress[0] for job in alice_jobs)
-        for job in alice_jobs:
-            job.cancel()
-        for reader in readers:
-            reader.join(timeout=60)
-    print("alice done", alice_done)
+    """alice runs three jobs, bob (another process) one: bob gets about half the fleet, not a quarter. When bob's
+    job is done, alice has done about as many tasks as he has (far fewer than the three-to-one a per-job share
+    gives)."""
+    script = ("import sys; from foreman import Foreman; from service_tasks import nap_square\n"
+              f"fm = Foreman.connect({service.address!r}, token='bob-token-12')\n"
+              "print('ready', flush=True); sys.stdin.readline()\n"
+              "assert fm.map(nap_square, range(100), chunksize=2) == [x * x for x in range(100)]\n"
+              "print('done', flush=True); fm.close()\n")
+    bob = subprocess.Popen([sys.executable, "-c", script], env=worker_env(), cwd=ROOT, text=True,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert bob.stdin is not None and bob.stdout is not None
+    try:
+        assert bob.stdout.readline().strip() == "ready"
+        with connect(service) as alice:
+            alice_jobs = [alice.imap_unordered(nap_square, range(300), chunksize=2) for _ in range(3)]
+            readers = [threading.Thread(target=_read_until_cancelled, args=(job,)) for job in alice_jobs]
+            for reader in readers:
+                reader.start()
+            wait_until(lambda: sum(job.progress[0] for job in alice_jobs) > 0, timeout=60)
+            bob.stdin.write("go\n")
+            bob.stdin.flush()
+            assert bob.stdout.readline().strip() == "done"
+            alice_done = sum(job.progress[0] for job in alice_jobs)
+            for job in alice_jobs:
+                job.cancel()
+            for reader in readers:
+                reader.join(timeout=60)
+        assert bob.wait(timeout=60) == 0
+    finally:
+        stop_process(bob)
     assert 40 <= alice_done <= 200, alice_done
 
 
