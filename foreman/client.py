@@ -315,14 +315,12 @@ class Foreman(AsyncAPI):
             await backend.query("job", job=job_id)  # answered after the input before it: the foreman has it all
             return job_id
         server = self._backend
-        stored = server.add_stored_job("admin", name, digest, call, function, json_options, total, detached=True)
+        job_id = server.add_stored_job("admin", name, digest, call, function, json_options, total, detached=True).id
         for start, count, payload in pieces:
-            stored.add_input(start, count, payload.data)  # journaled: pickled in band
-            server.add_batch(stored.id, start, count, payload)
-        stored.close_input()
-        stored.attach(LocalSubscriber(handle), 0)
-        server.close_input(stored.id)
-        return stored.id
+            server.add_stored_input(job_id, start, count, payload.data)  # pieces are pickled in band
+        server.attach_stored(job_id, LocalSubscriber(handle))  # before the end, which an empty job reaches at once
+        server.close_stored_input(job_id)
+        return job_id
 
     def job(self, job_id: int) -> JobHandle:
         """A handle on a stored job (detached, or a client's), to read its results, wait for it or cancel it.
@@ -337,17 +335,7 @@ class Foreman(AsyncAPI):
         if isinstance(self._backend, RemoteBackend):
             self._backend.attach(handle.id, handle)
             return
-        server = self._backend
-        stored = server.stored.get(handle.id)
-        subscriber = LocalSubscriber(handle)
-        if stored is not None:
-            stored.attach(subscriber, 0)
-            return
-        row = server.journal.job(handle.id)
-        assert row is not None
-        for output in server.journal.outputs(handle.id):
-            subscriber.output(output, row.fed)
-        subscriber.ended(row)
+        self._backend.attach_stored(handle.id, LocalSubscriber(handle))
 
     def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
         """The stored jobs this foreman keeps (yours only, unless your token is the admin's), newest first."""

@@ -23,7 +23,6 @@ from foreman.errors import ProtocolError
 from foreman.journal import JobRow, Output
 from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
-from foreman.serialization import Pickled
 from foreman.stored import StoredJob
 
 if TYPE_CHECKING:
@@ -131,18 +130,14 @@ class ClientService:
         if kind is Kind.SUBMIT:
             self._submit(peer, header, msg.payload)
         elif kind is Kind.INPUT:
-            stored = self._running(peer, header["job"])
-            try:
-                fresh = stored is not None and stored.add_input(header["start"], header["count"], msg.payload)
-            except ValueError as exc:
-                raise ProtocolError(str(exc)) from None
-            if fresh:
-                self.server.add_batch(header["job"], header["start"], header["count"], Pickled(bytes(msg.payload)))
+            if self._running(peer, header["job"]) is not None:
+                try:
+                    self.server.add_stored_input(header["job"], header["start"], header["count"], msg.payload)
+                except ValueError as exc:
+                    raise ProtocolError(str(exc)) from None
         elif kind is Kind.INPUT_END:
-            stored = self._running(peer, header["job"])
-            if stored is not None and not stored.input_closed:
-                stored.close_input()
-                self.server.close_input(stored.id)
+            if self._running(peer, header["job"]) is not None:
+                self.server.close_stored_input(header["job"])
         elif kind is Kind.ABORT:
             if self._running(peer, header["job"]) is not None:
                 start = header.get("start")
@@ -176,22 +171,16 @@ class ClientService:
             return
         peer.send(protocol.encode(Kind.ACCEPTED, {"ref": header["ref"], "job": stored.id}))
         peer.attached.add(stored.id)
-        stored.attach(peer, 0)
+        self.server.attach_stored(stored.id, peer)
 
     def _attach(self, peer: ClientPeer, job_id: int, after: int) -> None:
         row = self.server.journal.job(job_id)
-        if row is None or not self._may_see(peer, row):
+        if row is None or not self._may_see(peer, row.owner):
             peer.send(protocol.encode(Kind.ATTACHED, {"job": job_id, "error": _unknown(job_id, self.server)}))
             return
         peer.send(protocol.encode(Kind.ATTACHED, {"job": job_id, **row.summary()}))
-        stored = self.server.stored.get(job_id)
-        if stored is None:  # over: send what is kept, then the end
-            for output in self.server.journal.outputs(job_id, after):
-                peer.output(output, row.fed)
-            peer.ended(row)
-            return
-        peer.attached.add(job_id)
-        stored.attach(peer, after)
+        if self.server.attach_stored(job_id, peer, after):
+            peer.attached.add(job_id)
 
     def _query(self, peer: ClientPeer, header: dict[str, Any]) -> dict[str, Any]:
         journal = self.server.journal
@@ -201,7 +190,7 @@ class ClientService:
         if header["what"] == "job":
             job_id = header.get("job")
             row = journal.job(job_id) if type(job_id) is int else None
-            if row is None or not self._may_see(peer, row):
+            if row is None or not self._may_see(peer, row.owner):
                 return {"error": _unknown(job_id, self.server)}
             return {"job": row.summary()}
         if header["what"] == "fleet":
@@ -212,15 +201,15 @@ class ClientService:
         """The client's running job ``job_id``; None if it is over (messages crossing its end are ignored).
         ProtocolError if the client has no such job at all."""
         stored = self.server.stored.get(job_id)
-        if stored is not None and (peer.admin or stored.owner == peer.principal.name):
+        if stored is not None and self._may_see(peer, stored.owner):
             return stored
         row = self.server.journal.job(job_id)
-        if row is None or not self._may_see(peer, row):
+        if row is None or not self._may_see(peer, row.owner):
             raise ProtocolError(f"no job {job_id} of {peer.principal.name}")
         return None
 
-    def _may_see(self, peer: ClientPeer, row: JobRow) -> bool:
-        return peer.admin or row.owner == peer.principal.name
+    def _may_see(self, peer: ClientPeer, owner: str) -> bool:
+        return peer.admin or owner == peer.principal.name
 
     # -- clock -----------------------------------------------------------------------------------------------
 

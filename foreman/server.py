@@ -31,7 +31,7 @@ from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
 from foreman.serialization import ENV_FINGERPRINT, Pickled
-from foreman.stored import StoredJob
+from foreman.stored import StoredJob, Subscriber
 from foreman.trust import Trust
 from foreman.validation import Policy
 
@@ -272,6 +272,32 @@ class ForemanServer:
         stored = self.stored[job_id] = StoredJob(row, self.journal)
         self.add_job(digest, function, call, stored, name, total, owner=owner, job_id=job_id, **placement)
         return stored
+
+    def add_stored_input(self, job_id: int, start: int, count: int, payload: bytes | memoryview) -> None:
+        """Journal a batch of a stored job's input (pickled in band), then queue it. A batch already received
+        (a client resending after a reconnect) is ignored; ValueError for one that leaves a gap."""
+        if self.stored[job_id].add_input(start, count, payload):
+            self.add_batch(job_id, start, count, Pickled(payload if isinstance(payload, bytes) else bytes(payload)))
+
+    def close_stored_input(self, job_id: int) -> None:
+        stored = self.stored[job_id]
+        if not stored.input_closed:
+            stored.close_input()
+            self.close_input(job_id)
+
+    def attach_stored(self, job_id: int, subscriber: Subscriber, after: int = 0) -> bool:
+        """Send ``subscriber`` a stored job's results after ``after``, then its end: as they come while the job
+        runs (True), or at once from the journal if it is over (False)."""
+        stored = self.stored.get(job_id)
+        if stored is not None:
+            stored.attach(subscriber, after)
+            return True
+        row = self.journal.job(job_id)
+        assert row is not None
+        for output in self.journal.outputs(job_id, after):
+            subscriber.output(output, row.fed)
+        subscriber.ended(row)
+        return False
 
     def _persisted_parts(self) -> dict[str, Any]:
         return {"credit": self.trust.ledger, "reputation": self.trust.reputation}
