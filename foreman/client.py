@@ -107,9 +107,6 @@ class Foreman(AsyncAPI):
                  certfile: str | None = None, keyfile: str | None = None, data_dir: str | None = None,
                  retention: float = 7 * 86400, client_grace: float = 300.0, address: str | None = None,
                  cafile: str | None = None, fingerprint: str | None = None) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)
-        self._thread.start()
         self._closed = False
         self._default_options = JobOptions()
         self._streams: dict[tuple[str, int], SubmitStream] = {}  # open submit streams (event loop only)
@@ -122,37 +119,42 @@ class Foreman(AsyncAPI):
             pin = parse_fingerprint(fingerprint) if fingerprint else None
             context = client_context(cafile, pinned=pin is not None) if address.startswith("wss://") else None
             self._backend = RemoteBackend(address, token, context, pin, heartbeat_interval=heartbeat_interval)
-            try:
-                self._call(self._backend.start())
-            except BaseException:
-                self._stop_loop()
-                raise
-            return
-        if local_workers < 0:
-            raise ValueError("local_workers must be >= 0")
-        if dashboard and http_port is None:
-            http_port = port + 1 if port else 0
-        if trust_workers is None:
-            trust_workers = is_loopback(host)
-        if keyfile and not certfile:
-            raise ValueError("keyfile needs a certfile")
-        tls = server_context(certfile, keyfile) if certfile else None
-        pin = certificate_fingerprint(certfile) if certfile else None
-        auth = Authenticator(token, token_file)
-        journal = Journal(Path(data_dir) / "journal.sqlite" if data_dir else None, retention)
-        self._server = self._backend = ForemanServer(
-            host, port, auth, heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-            max_message_size=max_message_size, max_task_losses=max_task_losses, speculation=speculation,
-            http_port=http_port if dashboard else None, trust_workers=trust_workers, ssl_context=tls,
-            journal=journal, client_grace=client_grace)
-        self._local = LocalWorkers(auth.local_token(), heartbeat_interval, pin)
+        else:
+            if local_workers < 0:
+                raise ValueError("local_workers must be >= 0")
+            if dashboard and http_port is None:
+                http_port = port + 1 if port else 0
+            if trust_workers is None:
+                trust_workers = is_loopback(host)
+            if keyfile and not certfile:
+                raise ValueError("keyfile needs a certfile")
+            tls = server_context(certfile, keyfile) if certfile else None
+            auth = Authenticator(token, token_file)
+            journal = Journal(Path(data_dir) / "journal.sqlite" if data_dir else None, retention)
+            self._server = self._backend = ForemanServer(
+                host, port, auth, heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
+                max_message_size=max_message_size, max_task_losses=max_task_losses, speculation=speculation,
+                http_port=http_port if dashboard else None, trust_workers=trust_workers, ssl_context=tls,
+                journal=journal, client_grace=client_grace)
+            pin = certificate_fingerprint(certfile) if certfile else None
+            self._local = LocalWorkers(auth.local_token(), heartbeat_interval, pin)
+        # The loop thread starts once every argument has been checked: a refused one leaves nothing running.
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)
+        self._thread.start()
         try:
-            self._call(self._server.start())
-            self._local.start(self.address, local_workers)
-            self._call(self._server.start_http())
+            if self._server is None:
+                self._call(self._backend.start())
+            else:
+                self._call(self._server.start())
+                assert self._local is not None
+                self._local.start(self.address, local_workers)
+                self._call(self._server.start_http())
         except BaseException:
-            self._local.stop()
-            self._call(self._server.close())
+            if self._local is not None:
+                self._local.stop()
+            if self._server is not None:
+                self._call(self._server.close())
             self._stop_loop()
             raise
 
