@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
 import sys
 import time
@@ -37,6 +36,7 @@ from foreman.errors import (
 from foreman.jobs import placement_to_json
 from foreman.outbound import Outbound
 from foreman.protocol import Kind
+from foreman.retry import backoff_delay
 from foreman.serialization import Pickled
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ class RemoteBackend:
             self._ws = None
             if self._closing:
                 return
-            await asyncio.sleep(random.uniform(0, min(self.reconnect_max_delay, 0.2 * 2 ** min(attempt, 30))))
+            await asyncio.sleep(backoff_delay(attempt, self.reconnect_max_delay))
             attempt += 1
 
     def _fatal(self, error: BaseException) -> None:

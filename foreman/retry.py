@@ -7,11 +7,18 @@ handled by the foreman's poison-task rule. Imported by task processes: keep it t
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 from foreman.errors import TaskTimeoutError
+
+
+def backoff_delay(attempt: int, cap: float, base: float = 0.2) -> float:
+    """Seconds to wait before reconnection ``attempt`` (from 0): exponential backoff with full jitter, so a
+    fleet (or the clients) that lost its foreman does not return in lockstep."""
+    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
 
 
 class Retrying:

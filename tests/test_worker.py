@@ -12,7 +12,8 @@ import pytest
 from conftest import stop_process, worker_env
 from foreman import Foreman
 from tasks import square, whoami
-from worker.worker import WorkerConfig, backoff_delay
+from foreman.retry import backoff_delay
+from worker.worker import WorkerConfig
 
 BLOCK_OPTIONAL = (
     "import sys\n"

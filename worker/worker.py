@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import signal
 import ssl
 import sys
@@ -26,6 +25,7 @@ from foreman import protocol, tls
 from foreman.errors import AuthenticationError, ProtocolError, VersionMismatchError
 from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
+from foreman.retry import backoff_delay
 from worker import pause, sysinfo
 from worker.config import WorkerConfig
 from worker.executor import Executor, Outcome, WorkItem
@@ -55,11 +55,6 @@ class WorkerStats:
 
 class FatalConnectionError(Exception):
     """The foreman refused us, or could not be verified (TLS), for a reason retrying cannot fix."""
-
-
-def backoff_delay(attempt: int, cap: float, base: float = 0.2) -> float:
-    """Exponential backoff with full jitter: a fleet that lost its foreman does not return in lockstep."""
-    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
 
 
 class Worker:
