@@ -79,16 +79,16 @@ class JobHandle:
             if start != len(out):
                 raise RuntimeError(f"job {self.id}: results from task {len(out)} are missing")
             if error is not None:
+                if not return_exceptions:
+                    raise error
                 out.extend([error] * count)
                 continue
             results, errors = loads_results(payload, count, trusted)
-            for offset in errors:
+            for offset in sorted(errors):  # a task's raised exception, not one it returned as its value
                 results[offset] = rebuild_exception(errors[offset], trusted)
+                if not return_exceptions:
+                    raise results[offset]
             out.extend(results)
-        if not return_exceptions:
-            for value in out:
-                if isinstance(value, BaseException):
-                    raise value
         return out
 
     def cancel(self) -> None:

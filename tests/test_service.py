@@ -360,3 +360,12 @@ def test_remote_jobs_can_ask_for_redundancy_but_not_ship_a_comparator(service: S
         assert fm.submit_job(square, range(10), redundancy=2).results(timeout=60) == [x * x for x in range(10)]
         with pytest.raises(ValueError, match="a comparator is code"):
             fm.map(square, range(3), redundancy=2, comparator=lambda a, b: a == b)
+
+
+def test_a_detached_job_tells_returned_exceptions_from_raised_ones(tmp_path: Path) -> None:
+    """results() raises a task's raised exception, and hands back an exception a task returned as its value."""
+    with Foreman(port=0, local_workers=1, dashboard=False, data_dir=str(tmp_path)) as fm:
+        returned = fm.submit_job(ValueError, ["a value, not an error"]).results(timeout=60)
+        assert type(returned[0]) is ValueError and str(returned[0]) == "a value, not an error"
+        with pytest.raises(CustomError, match="bad input 3"):
+            fm.submit_job(boom, range(5)).results(timeout=60)
