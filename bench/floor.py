@@ -1,8 +1,9 @@
 """The floor under a CrowdCompute round trip on this machine: what its three transports cost with nothing else.
 
 A ``submit(inc, 1).result()`` crosses, at the least: the caller's thread to the foreman's event-loop thread and
-back, one WebSocket message each way between the foreman's and the worker's event loops, and one pipe message
-each way between the worker and its task process. This measures each of those alone (median of 2,500 round
+back, one message each way between the foreman's and the worker's event loops (WebSocket for a worker elsewhere,
+the local link over a Unix socket for a foreman's own local workers), and one pipe message each way between the
+worker and its task process. This measures each of those alone (median of 2,500 round
 trips of a 60-byte message, after 500 of warm-up), so the rest of a measured round trip is CrowdCompute's own
 processing.
 
@@ -19,8 +20,14 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Pipe
 
+import sys
+from pathlib import Path
+
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's foreman package
+from foreman import local_link  # noqa: E402
 
 MESSAGE = b"x" * 60
 WARMUP, CALLS = 500, 2500
@@ -57,6 +64,32 @@ def _echo_websocket(ports: multiprocessing.Queue) -> None:  # type: ignore[type-
     asyncio.run(main())
 
 
+def _echo_local_link(addresses: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    async def echo(link: local_link.LocalConnection) -> None:
+        async for message in link:
+            await link.send(message)
+
+    async def main() -> None:
+        server = local_link.LocalServer(echo, 1 << 20)
+        await server.start()
+        addresses.put(server.address)
+        await asyncio.Future()
+
+    asyncio.run(main())
+
+
+async def _local_link_rtt(address: str) -> float:
+    link = await local_link.connect(address, 1 << 20)
+    samples = []
+    for _ in range(WARMUP + CALLS):
+        started = time.perf_counter()
+        await link.send(MESSAGE)
+        await link.recv()
+        samples.append(time.perf_counter() - started)
+    await link.close()
+    return median_ms(samples)
+
+
 async def _websocket_rtt(port: int) -> float:
     async with connect(f"ws://127.0.0.1:{port}", compression=None, ping_interval=None) as ws:
         samples = []
@@ -83,6 +116,13 @@ def main() -> None:
     server = context.Process(target=_echo_websocket, args=(ports,), daemon=True)
     server.start()
     websocket = asyncio.run(_websocket_rtt(ports.get(timeout=30)))
+    local = None
+    if local_link.AVAILABLE:
+        addresses = context.Queue()
+        link_server = context.Process(target=_echo_local_link, args=(addresses,), daemon=True)
+        link_server.start()
+        local = asyncio.run(_local_link_rtt(addresses.get(timeout=30)))
+        link_server.terminate()
     child.kill()
     server.kill()
 
@@ -90,8 +130,13 @@ def main() -> None:
     print("|---|---|")
     print(f"| caller thread -> event-loop thread -> caller | {hop:.3f} |")
     print(f"| WebSocket message and reply between two processes (websockets, asyncio) | {websocket:.3f} |")
+    if local is not None:
+        print(f"| local link message and reply between two processes (Unix socket, foreman/local_link.py) | "
+              f"{local:.3f} |")
     print(f"| pipe message and reply to a spawned process | {pipe:.3f} |")
-    print(f"| sum: the floor under one CrowdCompute round trip | {hop + websocket + pipe:.3f} |")
+    print(f"| sum: the floor under one round trip to a worker over WebSocket | {hop + websocket + pipe:.3f} |")
+    if local is not None:
+        print(f"| sum: the floor under one round trip to a local worker (local link) | {hop + local + pipe:.3f} |")
 
 
 if __name__ == "__main__":

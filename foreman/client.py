@@ -26,6 +26,7 @@ from foreman.executor import ForemanExecutor
 from foreman.handles import JobHandle, LocalSubscriber
 from foreman.jobs import Job, JobOptions, SubmitStream, _pickle_fitting, placement_to_json
 from foreman.journal import Journal
+from foreman import local_link
 from foreman.local import LocalWorkers
 from foreman.remote import RemoteBackend
 from foreman.serialization import Pickled, dumps_function, ship_by_value
@@ -148,7 +149,10 @@ class Foreman(AsyncAPI):
             else:
                 self._call(self._server.start())
                 assert self._local is not None
-                self._local.start(self.address, local_workers)
+                if local_workers:
+                    # Its own workers dial a private Unix socket where there is one: a leaner link than WebSocket.
+                    address = self._call(self._server.start_local()) if local_link.AVAILABLE else self.address
+                    self._local.start(address, local_workers)
                 self._call(self._server.start_http())
         except BaseException:
             if self._local is not None:

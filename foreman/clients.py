@@ -21,6 +21,7 @@ from foreman import protocol
 from foreman.auth import ADMIN, CLIENT, Principal
 from foreman.errors import ProtocolError
 from foreman.journal import JobRow, Output
+from foreman.local_link import LocalConnection
 from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.stored import StoredJob
@@ -33,7 +34,7 @@ log = logging.getLogger("crowdcompute.foreman")
 class ClientPeer:
     """One connected client; a :class:`~foreman.stored.Subscriber` of the jobs it attached to."""
 
-    def __init__(self, ws: ServerConnection, client_id: str, principal: Principal) -> None:
+    def __init__(self, ws: ServerConnection | LocalConnection, client_id: str, principal: Principal) -> None:
         self.ws = ws
         self.client_id = client_id
         self.principal = principal
@@ -78,7 +79,7 @@ class ClientService:
             return None, "a worker token cannot connect as a client"
         return principal, ""
 
-    async def serve(self, ws: ServerConnection, principal: Principal, header: dict[str, Any]) -> None:
+    async def serve(self, ws: ServerConnection | LocalConnection, principal: Principal, header: dict[str, Any]) -> None:
         """Run one client connection after its CONNECT was accepted."""
         server = self.server
         peer = ClientPeer(ws, header["client"], principal)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from foreman.local_link import is_local
+
 log = logging.getLogger("crowdcompute.foreman")
 
 
@@ -15,7 +17,8 @@ class LocalWorkers:
 
     Each runs one task at a time, so ``n`` local workers use ``n`` cores, like ``multiprocessing.Pool(n)``.
     They inherit this process's import path, so functions pickled by reference (from importable modules) load.
-    With a ``fingerprint`` (a TLS foreman's certificate), they pin it: no CA or hostname needed.
+    They dial the foreman's private Unix socket (``unix:`` address) where it has one; over ``wss://``, with a
+    ``fingerprint`` (the foreman's certificate), they pin it: no CA or hostname needed.
     """
 
     def __init__(self, token: str | None, heartbeat_interval: float, fingerprint: str | None = None) -> None:
@@ -35,7 +38,7 @@ class LocalWorkers:
                        "--worker-id", f"local-{os.getpid()}-{index}", "--parent-pid", str(os.getpid()),
                        "--heartbeat-interval", str(self.heartbeat_interval), "--log-level", "WARNING",
                        "--no-dashboard"]
-            if self.fingerprint:
+            if self.fingerprint and not is_local(address):
                 command += ["--fingerprint", self.fingerprint]
             self.processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
 

@@ -1,4 +1,5 @@
-"""Messages to one WebSocket peer, in order, with flow control; used by the foreman and the worker alike.
+"""Messages to one peer (a WebSocket or a local link), in order, with flow control; used by the foreman and the
+worker alike.
 
 A message is written straight to the connection when nothing is waiting before it and the transport has nothing
 buffered (the common case: one small message at a time), which saves a trip through a queue and a writer task.
@@ -16,11 +17,13 @@ from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from foreman.local_link import LocalConnection
+
 
 class Outbound:
     """The send side of one connection. Call :meth:`send` and :meth:`run` on the connection's event loop."""
 
-    def __init__(self, ws: Connection) -> None:
+    def __init__(self, ws: Connection | LocalConnection) -> None:
         self.ws = ws
         self.sent = 0  # bytes handed to the connection
         self._queue: collections.deque[bytes] = collections.deque()
@@ -57,10 +60,15 @@ class Outbound:
 
     def _write_now(self, data: bytes) -> bool:
         ws = self.ws
-        if ws.protocol.state is not State.OPEN or ws.transport.is_closing() or ws.transport.get_write_buffer_size():
+        if isinstance(ws, LocalConnection):
+            if not (ws.writable_now() and ws.write_now(data)):
+                return False
+        elif ws.protocol.state is not State.OPEN or ws.transport.is_closing() or \
+                ws.transport.get_write_buffer_size():
             return False
-        # What ws.send does for one binary message, without the coroutine: frame it, write it to the transport.
-        ws.protocol.send_binary(data)
-        ws.send_data()
+        else:
+            # What ws.send does for one binary message, without the coroutine: frame it, write it to the transport.
+            ws.protocol.send_binary(data)
+            ws.send_data()
         self.sent += len(data)
         return True

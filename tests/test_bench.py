@@ -30,11 +30,13 @@ def test_quick_benchmark_prints_a_table_and_writes_json_lines(tmp_path) -> None:
         assert ("crowdcompute", workload) in measured
 
 
-def test_floor_benchmark_measures_the_three_transports() -> None:
+def test_floor_benchmark_measures_each_transport() -> None:
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "floor.py")], capture_output=True, text=True,
                           timeout=120, env=worker_env(), cwd=ROOT, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and line.endswith(" |")]
     figures = [float(row.rsplit("|", 2)[1]) for row in rows[1:]]  # after the header row
-    assert len(figures) == 4 and all(f > 0 for f in figures)
-    assert abs(sum(figures[:3]) - figures[3]) < 0.002
+    assert len(figures) == 6 and all(f > 0 for f in figures)
+    hop, websocket, local, pipe, over_websocket, over_local = figures
+    assert abs(hop + websocket + pipe - over_websocket) < 0.002
+    assert abs(hop + local + pipe - over_local) < 0.002

@@ -81,11 +81,13 @@ def _fill_fleet(ex: concurrent.futures.Executor, n: int, seconds: float) -> list
 
 
 def _worker_pids(fm: Any) -> set[int]:
-    """Pids of the local worker processes of ``fm`` (children of this process dialling its address)."""
+    """Pids of the local worker processes of ``fm`` (the children of this process that run ``-m worker`` and
+    dial its private socket)."""
     pids = set()
     for child in psutil.Process().children():
         try:
-            if fm.address in child.cmdline():
+            command = child.cmdline()
+            if command[1:3] == ["-m", "worker"] and command[3].startswith("unix:"):
                 pids.add(child.pid)
         except psutil.Error:
             pass

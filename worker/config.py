@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from foreman import protocol
+from foreman import local_link, protocol
 from foreman.addresses import is_loopback
 from foreman.tls import parse_fingerprint
 from worker import sysinfo
@@ -25,7 +25,8 @@ def default_worker_id() -> str:
 class WorkerConfig:
     """How a worker runs. Field names follow the prototype, so its users' configs keep working.
 
-    :param foreman_url: the foreman's ``ws://host:port`` address; ``wss://`` for TLS.
+    :param foreman_url: the foreman's ``ws://host:port`` address; ``wss://`` for TLS; ``unix:PATH`` for the
+        private socket of a foreman on this machine (how a foreman's own local workers dial it).
     :param worker_id: a stable name; a worker that reconnects under the same id replaces its old connection.
     :param token: the shared secret the foreman expects, if it has one.
     :param max_concurrent_tasks: task processes run at once (default: CPU count).
@@ -82,8 +83,9 @@ class WorkerConfig:
             raise ValueError("max_concurrent_tasks must be >= 1")
         if self.prefs.max_cores is not None:
             self.max_concurrent_tasks = min(self.max_concurrent_tasks, self.prefs.max_cores)
-        if not self.foreman_url.startswith(("ws://", "wss://")):
-            raise ValueError(f"foreman_url must start with ws:// or wss://, got {self.foreman_url!r}")
+        if not self.foreman_url.startswith(("ws://", "wss://", local_link.SCHEME)):
+            raise ValueError(f"foreman_url must start with ws://, wss:// or {local_link.SCHEME} (a foreman's "
+                             f"private socket on this machine), got {self.foreman_url!r}")
         if (self.cafile or self.fingerprint) and not self.foreman_url.startswith("wss://"):
             raise ValueError(f"--cafile and --fingerprint verify a TLS foreman: give a wss:// address, not "
                              f"{self.foreman_url}")

@@ -21,7 +21,7 @@ import cloudpickle
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from foreman import protocol, tls
+from foreman import local_link, protocol, tls
 from foreman.errors import AuthenticationError, ProtocolError, VersionMismatchError
 from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
@@ -34,6 +34,9 @@ from worker.policy import Sampler
 
 if TYPE_CHECKING:
     from worker.dashboard import Dashboard
+
+#: The connection to the foreman: WebSocket, or the local link of a foreman on this machine.
+Link = ClientConnection | local_link.LocalConnection
 
 log = logging.getLogger("crowdcompute.worker")
 
@@ -76,7 +79,7 @@ class Worker:
         self.history = BatchHistory()
         self.executor: Executor | None = None
         self.dashboard: Dashboard | None = None
-        self._ws: ClientConnection | None = None
+        self._ws: Link | None = None
         self._outbound: Outbound | None = None
         self._outbox: list[bytes] = []  # results finished while disconnected, sent on the next connection
         # Results a foreman with a journal has not confirmed yet (RECEIVED): sent again if it restarts meanwhile.
@@ -241,12 +244,20 @@ class Worker:
                         "--fingerprint)", self.config.foreman_url)
         while not self._stop.is_set():
             try:
-                async with connect(self.config.foreman_url, max_size=self.config.max_message_size,
-                                   compression=None, ping_interval=None, open_timeout=10,
-                                   close_timeout=2, ssl=context) as ws:
-                    self._ws = ws
-                    _check_pin(ws, self.config)
-                    await self._serve(ws)
+                if local_link.is_local(self.config.foreman_url):
+                    link = await local_link.connect(self.config.foreman_url, self.config.max_message_size)
+                    self._ws = link
+                    try:
+                        await self._serve(link)
+                    finally:
+                        await link.close()
+                else:
+                    async with connect(self.config.foreman_url, max_size=self.config.max_message_size,
+                                       compression=None, ping_interval=None, open_timeout=10,
+                                       close_timeout=2, ssl=context) as ws:
+                        self._ws = ws
+                        _check_pin(ws, self.config)
+                        await self._serve(ws)
             except FatalConnectionError:
                 raise
             except ssl.SSLCertVerificationError as exc:
@@ -284,7 +295,7 @@ class Worker:
                 pass
             self._reconnect_now = False  # a restart during the wait has woken it
 
-    async def _serve(self, ws: ClientConnection) -> None:
+    async def _serve(self, ws: Link) -> None:
         hello = await asyncio.to_thread(self._hello)  # NVML and psutil may take a while: keep the loop free
         hello.update(self._holding())
         await ws.send(protocol.encode(Kind.HELLO, hello))
@@ -385,7 +396,7 @@ class Worker:
         if outbound is not None:
             self._outbox.extend(data for data in outbound.unsent() if data[0] == Kind.RESULTS)
 
-    async def _heartbeats(self, ws: ClientConnection) -> None:
+    async def _heartbeats(self, ws: Link) -> None:
         while True:
             await asyncio.sleep(self._heartbeat_interval)
             silent = time.monotonic() - self._last_heard
@@ -568,7 +579,7 @@ def _raise_if_refused_code(code: int, reason: str) -> None:
         raise FatalConnectionError(str(VersionMismatchError(f"the foreman refused this worker: {reason}")))
 
 
-def _describe_close(ws: ClientConnection) -> str:
+def _describe_close(ws: Link) -> str:
     if ws.close_code is None:
         return "connection lost"
     return f"connection closed ({ws.close_code} {ws.close_reason})".replace(" )", ")")
