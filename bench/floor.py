@@ -15,19 +15,18 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Pipe
-
-import sys
 from pathlib import Path
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's foreman package
-from foreman import local_link  # noqa: E402
+from foreman import local_link
 
 MESSAGE = b"x" * 60
 WARMUP, CALLS = 500, 2500
