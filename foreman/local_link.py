@@ -7,6 +7,9 @@ parsing in Python: a round trip between two processes costs about 0.11 ms here a
 the foreman and the worker use (``send``, ``recv``, ``async for``, ``close`` with a code and reason,
 ``close_code``, ``transport``), so both serve either kind of connection with the same code.
 
+Reads land in a 64 KiB buffer kept for the connection, from which each message is copied out as ``bytes``; a
+message too large for it is read straight into a ``bytearray`` of its own, which ``recv`` returns as it is.
+
 Who may connect: the socket lives in a directory only its owner can enter (mode 0700), and a worker still
 presents its token in HELLO. The address a worker dials is ``unix:`` followed by the socket's path.
 """
@@ -42,9 +45,12 @@ _CODE = struct.Struct(">H")
 _ABNORMAL = 1006  # closed without a close message, as WebSocket reports it
 _TOO_BIG = 1009
 _OK_CODES = frozenset({1000, 1001})
+#: Bytes read at a time. Reads go into one buffer kept for the connection: asyncio's default of allocating
+#: 256 KiB per read costs more than the read itself for small messages (glibc grows and trims its heap).
+_CHUNK = 64 * 1024
 
 
-class LocalConnection(asyncio.Protocol):
+class LocalConnection(asyncio.BufferedProtocol):
     """One end of a local link. Use it like a ``websockets`` connection, on the loop that opened it."""
 
     remote_address = "local"
@@ -56,13 +62,17 @@ class LocalConnection(asyncio.Protocol):
         self.close_code: int | None = None
         self.close_reason = ""
         self._close_received = False  # the peer closed (rather than this end, or the connection dropping)
-        self._buffer = bytearray()
-        self._messages: collections.deque[bytes] = collections.deque()
+        self._chunk = memoryview(bytearray(_CHUNK))  # reads land here; whole messages are copied out
+        self._have = 0  # bytes of the chunk filled
+        self._large: bytearray | None = None  # the body of a message larger than the chunk, being read into
+        self._large_word = 0
+        self._large_have = 0
+        self._messages: collections.deque[bytes | bytearray] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None  # set while the transport is over its high-water mark
         self._closed = asyncio.get_running_loop().create_future()
 
-    # -- asyncio.Protocol ------------------------------------------------------------------------------------
+    # -- asyncio.BufferedProtocol ------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -70,31 +80,59 @@ class LocalConnection(asyncio.Protocol):
         if self._opened is not None:
             self._opened(self)
 
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        offset, end = 0, len(buffer)
-        while end - offset >= 4:
-            (word,) = _LENGTH.unpack_from(buffer, offset)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._large is not None:
+            return memoryview(self._large)[self._large_have:]
+        return self._chunk[self._have:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._large is not None:
+            self._large_have += nbytes
+            if self._large_have == len(self._large):
+                body, self._large = self._large, None
+                if self._take(self._large_word, body):
+                    self._wake()
+            return
+        self._have += nbytes
+        chunk, offset, have = self._chunk, 0, self._have
+        while have - offset >= 4:
+            (word,) = _LENGTH.unpack_from(chunk, offset)
             length = word & _LENGTH_BITS
             if length > self.max_size:
-                self._finish(_TOO_BIG, f"message of {length} bytes is over the {self.max_size}-byte limit")
-                self._write_close(_TOO_BIG, "message too big")
-                self.transport.close()
+                self._refuse(length)
                 return
-            if end - offset - 4 < length:
+            if have - offset - 4 < length:
+                if 4 + length > len(chunk):  # read the rest straight into a buffer of its own
+                    self._large, self._large_word = bytearray(length), word
+                    self._large_have = have - offset - 4
+                    self._large[:self._large_have] = chunk[offset + 4:have]
+                    offset = have
                 break
-            body = bytes(buffer[offset + 4:offset + 4 + length])
+            body = chunk[offset + 4:offset + 4 + length].tobytes()
             offset += 4 + length
-            if word & _CLOSE_FLAG:
-                code = _CODE.unpack_from(body)[0] if len(body) >= 2 else 1005
-                self._close_received = self.close_code is None
-                self._finish(code, body[2:].decode(errors="replace"))
-                self.transport.close()
+            if not self._take(word, body):
                 return
-            self._messages.append(body)
-        del buffer[:offset]
+        if offset:
+            rest = chunk[offset:have].tobytes()
+            chunk[:len(rest)] = rest
+            self._have = len(rest)
         self._wake()
+
+    def _take(self, word: int, body: bytes | bytearray) -> bool:
+        """Queue a message, or act on a close message (and return False: nothing more is read)."""
+        if not word & _CLOSE_FLAG:
+            self._messages.append(body)
+            return True
+        code = _CODE.unpack_from(body)[0] if len(body) >= 2 else 1005
+        self._close_received = self.close_code is None
+        self._finish(code, bytes(body[2:]).decode(errors="replace"))
+        self.transport.close()
+        return False
+
+    def _refuse(self, length: int) -> None:
+        self._finish(_TOO_BIG, f"message of {length} bytes is over the {self.max_size}-byte limit")
+        self._write_close(_TOO_BIG, "message too big")
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish(_ABNORMAL, "")
@@ -111,7 +149,7 @@ class LocalConnection(asyncio.Protocol):
 
     # -- the websockets-like interface -----------------------------------------------------------------------
 
-    async def recv(self) -> bytes:
+    async def recv(self) -> bytes | bytearray:
         """The next message; ConnectionClosedOK / ConnectionClosedError once the link is closed."""
         while not self._messages:
             if self.close_code is not None:
@@ -120,7 +158,7 @@ class LocalConnection(asyncio.Protocol):
             await self._waiter
         return self._messages.popleft()
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[bytes | bytearray]:
         """Messages until the link closes: ends on a normal close, raises ConnectionClosedError otherwise."""
         try:
             while True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -39,6 +40,32 @@ def test_messages_arrive_whole_and_in_order_both_ways() -> None:
         assert [await asyncio.wait_for(conn.recv(), 10) for _ in messages] == [m[::-1] for m in messages]
         await conn.close()
         assert conn.close_code == 1000
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_a_burst_of_messages_across_read_boundaries_arrives_intact() -> None:
+    rng = random.Random(5)
+    sizes = [rng.choice([0, 1, 3, 4, 5, 1000, 65_531, 65_532, 65_533, 65_536, 70_000, 300_000]) for _ in range(300)]
+    messages = [rng.randbytes(size) for size in sizes]
+
+    async def main() -> None:
+        received: list[bytes] = []
+        done = asyncio.Event()
+
+        async def collect(conn: LocalConnection) -> None:
+            async for message in conn:
+                received.append(bytes(message))
+                if len(received) == len(messages):
+                    done.set()
+
+        server, conn = await _pair(collect)
+        for message in messages:
+            conn.write_now(message)  # all at once: reads split and join them at every offset
+        await asyncio.wait_for(done.wait(), 30)
+        assert received == messages
+        await conn.close()
         await server.close()
 
     asyncio.run(main())
