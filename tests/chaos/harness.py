@@ -42,6 +42,7 @@ class WorkerProcess:
     frozen_until: float | None = None  # monotonic time to SIGCONT it
     killed_at: float | None = None  # monotonic time of its SIGKILL
     drained_at: float | None = None  # monotonic time of its SIGTERM (it drains and leaves)
+    local_link: bool = False  # dials the foreman's Unix socket
 
     @property
     def killed(self) -> bool:
@@ -61,11 +62,14 @@ class WorkerProcess:
 
 
 class WorkerFleet:
-    """Starts workers that dial the foreman directly or through the proxy, and does violence to them."""
+    """Starts workers that dial the foreman directly or through the proxy, and does violence to them. With a
+    ``local_address`` (the foreman's local link), every other worker that dials directly uses it."""
 
-    def __init__(self, foreman_address: str, proxy_address: str | None, log_dir: Path) -> None:
+    def __init__(self, foreman_address: str, proxy_address: str | None, log_dir: Path,
+                 local_address: str | None = None) -> None:
         self.foreman_address = foreman_address
         self.proxy_address = proxy_address
+        self.local_address = local_address
         self.log_dir = log_dir
         self.workers: list[WorkerProcess] = []
         self._env = worker_env()
@@ -78,7 +82,12 @@ class WorkerFleet:
 
     def start(self, worker_id: str | None = None, via_proxy: bool = False) -> WorkerProcess:
         worker_id = worker_id or self.new_id()
-        address = self.proxy_address if via_proxy and self.proxy_address else self.foreman_address
+        if via_proxy and self.proxy_address:
+            address = self.proxy_address
+        elif self.local_address and len(self.workers) % 2:
+            address = self.local_address
+        else:
+            address = self.foreman_address
         log_path = self.log_dir / f"{worker_id}-{len(self.workers)}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
@@ -86,7 +95,8 @@ class WorkerFleet:
                  "--log-level", self.log_level, "--no-dashboard"],
                 env=self._env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
-        worker = WorkerProcess(worker_id, via_proxy and self.proxy_address is not None, process, log_path)
+        worker = WorkerProcess(worker_id, via_proxy and self.proxy_address is not None, process, log_path,
+                               local_link=address == self.local_address)
         self.workers.append(worker)
         return worker
 

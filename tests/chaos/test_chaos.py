@@ -315,7 +315,8 @@ def test_chaos_job_every_result_exactly_once(chaos_settings, tmp_path, monkeypat
                  heartbeat_timeout=HEARTBEAT_TIMEOUT, max_task_losses=50, dashboard=False)
     try:
         proxy = LoopbackProxy(fm._server.port).start()
-        fleet = WorkerFleet(fm.address, proxy.address, tmp_path)
+        # Workers dial through the proxy (WebSocket, cut at will), straight over WebSocket, or over the local link.
+        fleet = WorkerFleet(fm.address, proxy.address, tmp_path, fm._call(fm._server.start_local()))
         for index in range(BASE_WORKERS):
             fleet.start(via_proxy=index % 2 == 0)
         fm.wait_for_workers(BASE_WORKERS, timeout=60)
@@ -368,7 +369,9 @@ def test_chaos_job_every_result_exactly_once(chaos_settings, tmp_path, monkeypat
             f"(limit {settings.seconds:g}) wall_s={wall:.1f}\n"
             f"  faults injected: {sum(chaos.injected.values())} {dict(sorted(chaos.injected.items()))}; "
             f"skipped (no safe target): {dict(sorted(chaos.skipped.items()))}\n"
-            f"  workers started={len(fleet.workers)} lost={scheduler.workers_lost} | batches reassigned="
+            f"  workers started={len(fleet.workers)} ({sum(w.via_proxy for w in fleet.workers)} through the proxy, "
+            f"{sum(w.local_link for w in fleet.workers)} over the local link) lost={scheduler.workers_lost} | "
+            f"batches reassigned="
             f"{scheduler.reassigned} tasks reassigned={record['tasks_reassigned']} tasks handed back="
             f"{record['tasks_handed_back']} | duplicates dropped={scheduler.duplicates_dropped}\n"
             f"  silent cuts={len(obs.cuts)} ({len(obs.cuts) - len(clean)} then killed): foreman detect s "
