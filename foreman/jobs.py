@@ -439,7 +439,8 @@ class SubmitStream:
         self._futures: dict[int, concurrent.futures.Future[Any]] = {}
         self._next = 0
         self._open = True
-        self._idle: Any = None  # the timer that closes the job when nothing is in flight
+        self._idle: Any = None  # the pending check that closes the job once idle long enough
+        self._idle_since = 0.0  # loop time at which the last call in flight ended
 
     @property
     def open(self) -> bool:
@@ -450,9 +451,6 @@ class SubmitStream:
         index = self._next
         self._next += 1
         self._futures[index] = future
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
         future.add_done_callback(lambda f: self._on_done(f, index))
         self._foreman._backend.add_batch(self.id, index, 1, payload)
 
@@ -472,12 +470,22 @@ class SubmitStream:
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:
-        if not self._futures and self._open and self._idle is None:
-            self._idle = self._foreman._loop.call_later(STREAM_IDLE_SECONDS, self._close)
+        """Nothing in flight: close after :data:`STREAM_IDLE_SECONDS` unless a call comes. One pending check at a
+        time, which looks again if calls came meanwhile (not a timer set and cancelled per call)."""
+        if not self._futures and self._open:
+            loop = self._foreman._loop
+            self._idle_since = loop.time()
+            if self._idle is None:
+                self._idle = loop.call_later(STREAM_IDLE_SECONDS, self._close)
 
     def _close(self) -> None:
         self._idle = None
         if self._futures or not self._open:
+            return  # busy again: the end of its last call checks anew
+        loop = self._foreman._loop
+        left = self._idle_since + STREAM_IDLE_SECONDS - loop.time()
+        if left > 0:
+            self._idle = loop.call_later(left, self._close)
             return
         self._open = False
         self._foreman._streams.pop(self._key, None)

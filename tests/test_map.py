@@ -5,13 +5,15 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import os
+import time
 
 import psutil
 import pytest
+from conftest import wait_until
+from tasks import add, sleep_then, square, whoami
 
 from foreman import Foreman
 from foreman.errors import ForemanClosedError
-from tasks import add, sleep_then, square, whoami
 
 
 def test_map_10000_tasks_in_order(fm: Foreman) -> None:
@@ -44,6 +46,22 @@ def test_submit_and_as_completed(fm: Foreman) -> None:
     assert done == {i * i for i in range(50)}
     assert fm.submit(divmod, 17, b=5).exception(timeout=30) is not None  # kwargs reach the function
     assert fm.submit(pow, 2, 10).result(timeout=30) == 1024
+
+
+def test_submits_share_one_job_that_closes_once_idle_for_a_second(fm: Foreman) -> None:
+    def live_jobs() -> set[int]:
+        return fm._call(lambda: set(fm._server.fleet.jobs))
+
+    before = live_jobs()
+    assert [fm.submit(square, i).result(timeout=30) for i in range(5)] == [0, 1, 4, 9, 16]
+    (stream,) = live_jobs() - before
+    for i in range(4):  # calls 0.4 s apart keep it open past its one-second idle limit
+        time.sleep(0.4)
+        assert fm.submit(square, i).result(timeout=30) == i * i
+        assert live_jobs() - before == {stream}
+    wait_until(lambda: stream not in live_jobs(), timeout=5)
+    assert fm.submit(square, 3).result(timeout=30) == 9
+    assert len(live_jobs() - before - {stream}) == 1  # a new stream
 
 
 def test_submit_with_kwargs(fm: Foreman) -> None:
