@@ -69,6 +69,8 @@ class LocalConnection(asyncio.BufferedProtocol):
         self._large_have = 0
         self._messages: collections.deque[bytes | bytearray] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._handler: Callable[[bytes | bytearray], None] | None = None  # see handle_each
+        self._handled: asyncio.Future[None] | None = None  # done when the link closes or the handler raises
         self._drained: asyncio.Future[None] | None = None  # set while the transport is over its high-water mark
         self._closed = asyncio.get_running_loop().create_future()
 
@@ -121,8 +123,17 @@ class LocalConnection(asyncio.BufferedProtocol):
     def _take(self, word: int, body: bytes | bytearray) -> bool:
         """Queue a message, or act on a close message (and return False: nothing more is read)."""
         if not word & _CLOSE_FLAG:
-            self._messages.append(body)
-            return True
+            if self._handler is None:
+                self._messages.append(body)
+                return True
+            try:
+                self._handler(body)
+            except Exception as exc:  # noqa: BLE001 - handle_each raises it; nothing more is read
+                self._handler = None
+                self.transport.pause_reading()
+                if self._handled is not None and not self._handled.done():
+                    self._handled.set_exception(exc)
+            return self._handler is not None and self.close_code is None
         code = _CODE.unpack_from(body)[0] if len(body) >= 2 else 1005
         self._close_received = self.close_code is None
         self._finish(code, bytes(body[2:]).decode(errors="replace"))
@@ -165,6 +176,22 @@ class LocalConnection(asyncio.BufferedProtocol):
                 yield await self.recv()
         except ConnectionClosedOK:
             return
+
+    async def handle_each(self, handler: Callable[[bytes | bytearray], None]) -> None:
+        """Call ``handler`` with each message, straight from the read that completes it (no task switch per
+        message, unlike ``async for``), until the link closes: return on a normal close, raise
+        ConnectionClosedError on any other, or what ``handler`` raised (then nothing more is read)."""
+        self._handled = asyncio.get_running_loop().create_future()
+        while self._messages:  # those read before
+            handler(self._messages.popleft())
+        if self.close_code is None:
+            self._handler = handler
+            try:
+                await self._handled
+            finally:
+                self._handler = None
+        if self.close_code not in _OK_CODES:
+            raise self._closed_error()
 
     async def send(self, data: bytes | memoryview) -> None:
         """Send one message, waiting while the transport is over its high-water mark."""
@@ -219,6 +246,8 @@ class LocalConnection(asyncio.BufferedProtocol):
         self._wake()
 
     def _wake(self) -> None:
+        if self._handled is not None and self.close_code is not None and not self._handled.done():
+            self._handled.set_result(None)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -294,6 +323,16 @@ async def connect(address: str, max_size: int, timeout: float = 10.0) -> LocalCo
     _, connection = await asyncio.wait_for(
         loop.create_unix_connection(lambda: LocalConnection(max_size), address[len(SCHEME):]), timeout)
     return connection
+
+
+async def handle_each(link: Any, handler: Callable[[bytes | bytearray], None]) -> None:
+    """Call ``handler`` with each message of ``link`` (a WebSocket or a local link) until it closes normally;
+    ConnectionClosedError if it does not. A local link calls it straight from each read."""
+    if isinstance(link, LocalConnection):
+        await link.handle_each(handler)
+    else:
+        async for message in link:
+            handler(message)
 
 
 def is_local(address: Any) -> bool:

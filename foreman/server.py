@@ -27,7 +27,7 @@ from foreman.errors import ForemanClosedError, ProtocolError, TaskLostError
 from foreman.fleet import Fleet
 from foreman.jobs import placement_from_json
 from foreman.journal import RUNNING, Journal
-from foreman.local_link import LocalConnection, LocalServer
+from foreman.local_link import LocalConnection, LocalServer, handle_each
 from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
@@ -407,18 +407,22 @@ class ForemanServer:
             return
         writer = asyncio.create_task(peer.outbound.run())
         lost, reason = True, "connection lost"
+        window, messages = time.monotonic(), 0
+
+        def on_frame(data: bytes | bytearray) -> None:
+            nonlocal window, messages
+            messages += 1
+            if messages > self.max_messages_per_second:
+                now = time.monotonic()
+                if now - window < 1.0:
+                    raise ProtocolError(f"more than {self.max_messages_per_second} messages in a second")
+                window, messages = now, 1
+            self.bytes_in += len(data)
+            self.scheduler.touch(peer.worker_id)
+            self._on_message(peer, protocol.decode(data, self.max_message_size))
+
         try:
-            window, messages = time.monotonic(), 0
-            async for data in ws:
-                messages += 1
-                if messages > self.max_messages_per_second:
-                    now = time.monotonic()
-                    if now - window < 1.0:
-                        raise ProtocolError(f"more than {self.max_messages_per_second} messages in a second")
-                    window, messages = now, 1
-                self.bytes_in += len(data)
-                self.scheduler.touch(peer.worker_id)
-                self._on_message(peer, protocol.decode(data, self.max_message_size))
+            await handle_each(ws, on_frame)
             lost = not (ws.close_code == CloseCode.NORMAL or peer.leaving or self.closing)
             reason = _close_description(ws)
         except ProtocolError as exc:

@@ -14,9 +14,10 @@ from conftest import start_worker, stop_process, wait_until, worker_env
 from tasks import square
 from websockets.exceptions import ConnectionClosedError
 
-from foreman import Foreman, local_link
+from foreman import Foreman, local_link, protocol
 from foreman.local_link import LocalConnection, LocalServer
 from foreman.outbound import Outbound
+from foreman.protocol import CloseCode, Kind
 
 pytestmark = pytest.mark.skipif(not local_link.AVAILABLE, reason="no Unix sockets here")
 
@@ -66,6 +67,50 @@ def test_a_burst_of_messages_across_read_boundaries_arrives_intact() -> None:
         await asyncio.wait_for(done.wait(), 30)
         assert received == messages
         await conn.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_handle_each_calls_the_handler_in_order_and_raises_what_it_raised() -> None:
+    async def main() -> None:
+        seen: list[bytes] = []
+        outcome: list[str] = []
+
+        def handler(message: bytes | bytearray) -> None:
+            if message == b"bad":
+                raise ValueError("bad message")
+            seen.append(bytes(message))
+
+        async def serve(conn: LocalConnection) -> None:
+            first = await conn.recv()  # a handshake, read the usual way
+            seen.append(b"first:" + first)
+            await asyncio.sleep(0.1)  # more arrive meanwhile: handle_each takes them first, in order
+            try:
+                await local_link.handle_each(conn, handler)
+                outcome.append(f"closed {conn.close_code}")
+            except ValueError as exc:
+                outcome.append(f"raised {exc}")
+
+        server, conn = await _pair(serve)
+        for message in (b"hello", b"a", b"b"):
+            await conn.send(message)
+        await asyncio.sleep(0.3)
+        for message in (b"c", b"bad", b"never"):
+            await conn.send(message)
+        await asyncio.sleep(0.3)
+        assert seen == [b"first:hello", b"a", b"b", b"c"] and outcome == ["raised bad message"]
+        await conn.close()
+
+        seen.clear()
+        outcome.clear()
+        conn = await local_link.connect(server.address, 1 << 20)
+        await conn.send(b"hello")
+        await conn.send(b"d")
+        await asyncio.sleep(0.3)
+        await conn.close(1000)
+        await asyncio.sleep(0.1)
+        assert seen == [b"first:hello", b"d"] and outcome == ["closed 1000"]
         await server.close()
 
     asyncio.run(main())
@@ -210,6 +255,28 @@ def test_a_killed_local_worker_loses_nothing() -> None:
         victim.wait()
         assert first + list(job) == [x * x for x in range(400)]
         wait_until(lambda: len(fm.workers) == 1)
+
+
+def test_a_malformed_message_over_the_local_link_closes_it_with_a_protocol_error() -> None:
+    hello = protocol.encode(Kind.HELLO, {
+        "protocol": protocol.PROTOCOL_VERSION, "worker_id": "probe", "token": "s3cret", "python": "3.11.7",
+        "cloudpickle": "3.1.0", "concurrency": 1, "capabilities": []})
+
+    async def probe(address: str) -> tuple[int | None, str]:
+        conn = await local_link.connect(address, 1 << 20)
+        await conn.send(hello)
+        assert protocol.decode(await asyncio.wait_for(conn.recv(), 10)).kind is Kind.WELCOME
+        await conn.send(b"\xff not a message")
+        with pytest.raises(ConnectionClosedError):
+            while True:
+                await asyncio.wait_for(conn.recv(), 10)
+        return conn.close_code, conn.close_reason
+
+    with Foreman(port=0, token="s3cret", local_workers=1, dashboard=False) as fm:
+        fm.wait_for_workers(1, timeout=60)
+        code, reason = asyncio.run(probe(fm._server._local_server.address))
+        assert code == CloseCode.PROTOCOL_ERROR and "unknown message kind 255" in reason
+        assert fm.map(square, range(10)) == [x * x for x in range(10)]  # its own worker is unaffected
 
 
 def test_a_worker_refuses_a_fingerprint_for_a_local_address() -> None:

@@ -331,14 +331,10 @@ class Worker:
         self._outbox.clear()
         tasks = [asyncio.create_task(self._outbound.run()), asyncio.create_task(self._heartbeats(ws))]
         try:
-            async for data in ws:
-                self._last_heard = time.monotonic()
-                try:
-                    self._handle(protocol.decode(data, self.config.max_message_size))
-                except ProtocolError as exc:
-                    log.error("foreman sent a bad message: %s", exc)
-                    await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
-                    break
+            await local_link.handle_each(ws, self._on_frame)
+        except ProtocolError as exc:
+            log.error("foreman sent a bad message: %s", exc)
+            await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
         finally:
             for task in tasks:
                 task.cancel()
@@ -354,6 +350,10 @@ class Worker:
             self._forget_foreman()  # leave no task of a foreman that is gone running
         if ws.close_code is not None:
             _raise_if_refused_code(ws.close_code, ws.close_reason)
+
+    def _on_frame(self, data: bytes | bytearray) -> None:
+        self._last_heard = time.monotonic()
+        self._handle(protocol.decode(data, self.config.max_message_size))
 
     def _forget_foreman(self) -> None:
         """Drop results for, and kill tasks of, the foreman we were serving."""
