@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
+from typing import Any
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
@@ -77,27 +78,25 @@ def _echo_local_link(addresses: multiprocessing.Queue) -> None:  # type: ignore[
     asyncio.run(main())
 
 
-async def _local_link_rtt(address: str) -> float:
-    link = await local_link.connect(address, 1 << 20)
+async def _echo_rtt(link: Any) -> float:
+    """Median round trip of a message through an echo, over a WebSocket or a local link."""
     samples = []
     for _ in range(WARMUP + CALLS):
         started = time.perf_counter()
         await link.send(MESSAGE)
         await link.recv()
         samples.append(time.perf_counter() - started)
-    await link.close()
     return median_ms(samples)
+
+
+async def _local_link_rtt(address: str) -> float:
+    async with local_link.open_link(address, 1 << 20) as link:
+        return await _echo_rtt(link)
 
 
 async def _websocket_rtt(port: int) -> float:
     async with connect(f"ws://127.0.0.1:{port}", compression=None, ping_interval=None) as ws:
-        samples = []
-        for _ in range(WARMUP + CALLS):
-            started = time.perf_counter()
-            await ws.send(MESSAGE)
-            await ws.recv()
-            samples.append(time.perf_counter() - started)
-    return median_ms(samples)
+        return await _echo_rtt(ws)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
-from foreman import protocol
+from foreman import local_link, protocol
 from foreman.addresses import is_loopback
 from foreman.aio import AsyncAPI
 from foreman.auth import Authenticator
@@ -26,7 +26,6 @@ from foreman.executor import ForemanExecutor
 from foreman.handles import JobHandle, LocalSubscriber
 from foreman.jobs import Job, JobOptions, SubmitStream, _pickle_fitting, placement_to_json
 from foreman.journal import Journal
-from foreman import local_link
 from foreman.local import LocalWorkers
 from foreman.remote import RemoteBackend
 from foreman.serialization import Pickled, dumps_function, ship_by_value

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import shutil
@@ -323,6 +324,16 @@ async def connect(address: str, max_size: int, timeout: float = 10.0) -> LocalCo
     _, connection = await asyncio.wait_for(
         loop.create_unix_connection(lambda: LocalConnection(max_size), address[len(SCHEME):]), timeout)
     return connection
+
+
+@contextlib.asynccontextmanager
+async def open_link(address: str, max_size: int) -> AsyncIterator[LocalConnection]:
+    """A local link to ``address`` for the ``async with`` block, closed (normally) when the block ends."""
+    link = await connect(address, max_size)
+    try:
+        yield link
+    finally:
+        await link.close()
 
 
 async def handle_each(link: Any, handler: Callable[[bytes | bytearray], None]) -> None:

@@ -14,6 +14,7 @@ import signal
 import ssl
 import sys
 import time
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -244,20 +245,10 @@ class Worker:
                         "--fingerprint)", self.config.foreman_url)
         while not self._stop.is_set():
             try:
-                if local_link.is_local(self.config.foreman_url):
-                    link = await local_link.connect(self.config.foreman_url, self.config.max_message_size)
-                    self._ws = link
-                    try:
-                        await self._serve(link)
-                    finally:
-                        await link.close()
-                else:
-                    async with connect(self.config.foreman_url, max_size=self.config.max_message_size,
-                                       compression=None, ping_interval=None, open_timeout=10,
-                                       close_timeout=2, ssl=context) as ws:
-                        self._ws = ws
-                        _check_pin(ws, self.config)
-                        await self._serve(ws)
+                async with self._dial(context) as ws:
+                    self._ws = ws
+                    _check_pin(ws, self.config)
+                    await self._serve(ws)
             except FatalConnectionError:
                 raise
             except ssl.SSLCertVerificationError as exc:
@@ -294,6 +285,14 @@ class Worker:
             except TimeoutError:
                 pass
             self._reconnect_now = False  # a restart during the wait has woken it
+
+    def _dial(self, context: ssl.SSLContext | None) -> AbstractAsyncContextManager[Link]:
+        """The connection to the foreman, for an ``async with``: a local link for a ``unix:`` address."""
+        url, max_size = self.config.foreman_url, self.config.max_message_size
+        if local_link.is_local(url):
+            return local_link.open_link(url, max_size)
+        return connect(url, max_size=max_size, compression=None, ping_interval=None, open_timeout=10,
+                       close_timeout=2, ssl=context)
 
     async def _serve(self, ws: Link) -> None:
         hello = await asyncio.to_thread(self._hello)  # NVML and psutil may take a while: keep the loop free
