@@ -207,8 +207,11 @@ class LocalConnection(asyncio.BufferedProtocol):
             raise ValueError(f"message of {len(data)} bytes is over the {self.max_size}-byte limit")
         if self.close_code is not None or self.transport.is_closing():
             return False
-        self.transport.write(_LENGTH.pack(len(data)))
-        self.transport.write(data)
+        if len(data) <= _CHUNK:  # one write, so one send: copying a small message is cheaper than a system call
+            self.transport.write(_LENGTH.pack(len(data)) + data)
+        else:
+            self.transport.write(_LENGTH.pack(len(data)))
+            self.transport.write(data)
         return True
 
     def writable_now(self) -> bool:
