@@ -21,7 +21,7 @@ from foreman import protocol
 from foreman.auth import ADMIN, CLIENT, Principal
 from foreman.errors import ProtocolError
 from foreman.journal import JobRow, Output
-from foreman.local_link import LocalConnection
+from foreman.local_link import LocalConnection, handle_each
 from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.stored import StoredJob
@@ -96,10 +96,13 @@ class ClientService:
         log.info("client %s (%s) connected from %s", peer.client_id, principal.name, ws.remote_address,
                  extra={"client": peer.client_id})
         writer = asyncio.create_task(peer.outbound.run())
+
+        def on_frame(data: bytes | bytearray) -> None:
+            peer.last_heard = time.monotonic()
+            self._on_message(peer, protocol.decode(data, server.max_message_size))
+
         try:
-            async for data in ws:
-                peer.last_heard = time.monotonic()
-                self._on_message(peer, protocol.decode(data, server.max_message_size))
+            await handle_each(ws, on_frame)
         except ProtocolError as exc:
             log.warning("client %s sent a bad message, closing: %s", peer.client_id, exc,
                         extra={"client": peer.client_id})
