@@ -68,6 +68,9 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 #: Seconds a batch must have been in flight before a speculative copy is considered: below this, killing and
 #: restarting a task process costs more than waiting.
 SPECULATION_MIN_AGE = 0.25
+#: A worker whose seconds per task on a job are this many times the job's typical is slow for that job: at the
+#: job's tail, a batch it holds is copied onto an idle worker as soon as the copy would finish first.
+SLOW_PACE = 2.0
 
 TERMINAL = frozenset({State.DONE, State.FAILED, State.SPLIT, State.CANCELLED})
 
@@ -142,6 +145,8 @@ class Job:
     tasks_done: int = 0
     tasks_failed: int = 0
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # recent batch run times
+    pace: dict[str, float] = field(default_factory=dict)  # worker -> its recent seconds per task on this job
+    slow: set[str] = field(default_factory=set)  # workers whose pace is SLOW_PACE times the job's typical or more
     copies: int = 1  # workers each batch runs on (redundancy)
     spot_check: float = 0.0  # fraction of batches that also run on a trusted worker
     replicas: dict[int, Batch] = field(default_factory=dict)  # start -> assigned batch wanting more copies
@@ -517,7 +522,14 @@ class Scheduler:
         job.flying.pop(batch.start, None)
         job.replicas.pop(batch.start, None)
         job.tasks_done += batch.count
-        job.durations.append((self.clock() - batch.assigned_at) / batch.count)
+        per_task = (self.clock() - batch.assigned_at) / batch.count
+        job.durations.append(per_task)
+        if exclude and not batch.speculated:  # a copy's time counts from the first copy's start: not its pace
+            old = job.pace.get(exclude)
+            job.pace[exclude] = per_task if old is None else (old + per_task) / 2
+            self._classify_pace(job, (exclude,))
+        if len(job.durations) == 5:  # the job's typical time is known from now on: judge everyone seen so far
+            self._classify_pace(job, list(job.pace))
         batch.payload = Pickled(b"")
         self._refresh_runnable(job)
         return Completion(batch, others)
@@ -578,22 +590,50 @@ class Scheduler:
         """Free workers holding nothing (an ordered set; do not change it)."""
         return self._by_load.get(0.0, {})
 
+    def next_speculation(self) -> float | None:
+        """When (on ``clock``) the next batch in flight turns late while a worker is idle to copy it onto, or
+        None. Call :meth:`dispatch` then: without that, a late batch would wait for the next event or tick."""
+        if self.speculation is None or not self._idle():
+            return None
+        now = self.clock()
+        soonest: float | None = None
+        for job in self.jobs.values():
+            limits = self._lateness_limits(job)
+            if limits is None:
+                continue
+            typical, youngest_late = limits
+            for batch in job.flying.values():
+                if soonest is not None and batch.assigned_at + youngest_late >= soonest:
+                    break  # this batch and every later one turn late later still
+                due = batch.assigned_at + max(typical * batch.count * self.speculation, SPECULATION_MIN_AGE)
+                if due > now and (soonest is None or due < soonest):
+                    soonest = due
+        return soonest
+
+    def _lateness_limits(self, job: Job) -> tuple[float, float] | None:
+        """(typical seconds per task, the age at which a one-task batch is late) for a job whose batches may be
+        copied now: nothing left queued for idle workers, and its task time known. None for any other job."""
+        if self.speculation is None or job.has_queued or len(job.durations) < 5 or not job.flying:
+            return None
+        typical = _typical(job)
+        return typical, max(typical * self.speculation, SPECULATION_MIN_AGE)
+
     def _speculate(self) -> list[Assignment]:
         """Start second copies of late batches on idle workers, at the tail of jobs with nothing queued.
 
-        Only each job's oldest first copies are looked at (``Job.flying`` is in start order, and the walk stops
-        at the first batch too young to be late), and idle workers only once some batch is late, so a dispatch
-        with nothing to speculate on costs O(jobs).
+        Only each job's oldest first copies are looked at (``Job.flying`` is in the order they were assigned,
+        and the walk stops at the first batch too young to be late), and idle workers only once some batch is
+        late, so a dispatch with nothing to speculate on costs O(jobs).
         """
         if not self._idle():
             return []
         now = self.clock()
         late: list[tuple[float, Batch, Job]] = []
         for job in self.jobs.values():
-            if job.has_queued or len(job.durations) < 5 or not job.flying:
-                continue  # only when the job has nothing else for idle workers, once its task time is known
-            typical = sorted(job.durations)[len(job.durations) // 2]
-            youngest_late = max(typical * self.speculation, SPECULATION_MIN_AGE)  # a one-task batch's limit
+            limits = self._lateness_limits(job)
+            if limits is None:
+                continue
+            typical, youngest_late = limits
             for batch in job.flying.values():
                 age = now - batch.assigned_at
                 if age <= youngest_late:
@@ -601,6 +641,7 @@ class Scheduler:
                 lateness = age / max(typical * batch.count * self.speculation, SPECULATION_MIN_AGE)
                 if lateness > 1.0:
                     late.append((lateness, batch, job))
+            late.extend(self._held_by_slow(job, typical, now, {id(b) for _, b, _ in late}))
         if not late:
             return []
         late.sort(key=lambda entry: -entry[0])  # the latest first
@@ -618,6 +659,31 @@ class Scheduler:
             if not late:
                 break
         return out
+
+    def _held_by_slow(self, job: Job, typical: float, now: float, seen: set[int]) -> list[tuple[float, Batch, Job]]:
+        """The job's first copies held by workers known to be slow at it, which a typical worker would finish
+        in half the time the holder still needs (by its own pace), with how many times over."""
+        out = []
+        for worker_id in job.slow:
+            worker = self.workers.get(worker_id)
+            pace = job.pace.get(worker_id, 0.0)
+            for batch in worker.batches.values() if worker is not None else ():
+                if batch.job_id != job.id or job.flying.get(batch.start) is not batch or id(batch) in seen:
+                    continue
+                still_needs = batch.assigned_at + pace * batch.count - now
+                if still_needs > 2 * typical * batch.count:
+                    out.append((still_needs / (typical * batch.count), batch, job))
+        return out
+
+    def _classify_pace(self, job: Job, worker_ids: Iterable[str]) -> None:
+        if len(job.durations) < 5:
+            return
+        limit = SLOW_PACE * _typical(job)
+        for worker_id in worker_ids:
+            if job.pace[worker_id] >= limit:
+                job.slow.add(worker_id)
+            else:
+                job.slow.discard(worker_id)
 
     def _next_batch_for(self, worker: Worker) -> Batch | None:
         """Round-robin over runnable jobs this worker can serve.
@@ -804,3 +870,8 @@ def _split(batch: Batch) -> Iterable[Batch]:
     for offset, payload in enumerate(split_payload(batch.payload, batch.count)):
         yield Batch(batch.job_id, batch.start + offset, 1, payload, strikes=batch.strikes,
                     last_loss=batch.last_loss, copies=batch.copies, spot_check=batch.spot_check)
+
+
+def _typical(job: Job) -> float:
+    """A job's median seconds per task over its recent batches (it must have some)."""
+    return sorted(job.durations)[len(job.durations) // 2]

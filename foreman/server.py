@@ -157,6 +157,7 @@ class ForemanServer:
         self._server: Server | None = None
         self._local_server: LocalServer | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._speculation_timer: asyncio.TimerHandle | None = None  # see _arm_speculation
         self._waiting_logged: set[int] = set()
         self.closing = False
         self.fleet = Fleet()
@@ -240,6 +241,8 @@ class ForemanServer:
         self.closing = True
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._speculation_timer is not None:
+            self._speculation_timer.cancel()
         self.abort_jobs()
         if self.http is not None:
             await self.http.close()
@@ -657,6 +660,26 @@ class ForemanServer:
                 self._send_assignment(assignment, record)
         for job_id, start in refused:
             self.cancel_batch(job_id, start)
+        self._arm_speculation()
+
+    def _arm_speculation(self) -> None:
+        """Pump again the moment a batch in flight turns late while a worker is idle, so that its speculative
+        copy starts then rather than at the next event or tick (up to a second later)."""
+        due = self.scheduler.next_speculation()
+        if due is None or self.closing:
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + (due - self.scheduler.clock())
+        timer = self._speculation_timer
+        if timer is not None:
+            if not timer.cancelled() and timer.when() <= when:
+                return
+            timer.cancel()
+        self._speculation_timer = loop.call_at(when, self._speculation_due)
+
+    def _speculation_due(self) -> None:
+        self._speculation_timer = None
+        self._pump()
 
     def _ship_function(self, peer: Peer, record: _JobRecord) -> None:
         header = {"job": record.id, "digest": record.digest, "call": record.call}

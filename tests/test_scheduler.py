@@ -528,6 +528,64 @@ def test_no_reservation_when_an_idle_worker_takes_the_suspect(s: Scheduler) -> N
     assert ("a", b2) in out
 
 
+# -- speculation -------------------------------------------------------------------------------------------------
+
+
+def _tail_of_a_job(clock: FakeClock, slow_seconds: float) -> tuple[Scheduler, Batch]:
+    """Run a job of 7 single-task batches on "fast" (1 s a task) and "slow" (``slow_seconds`` a task), without
+    prefetch, up to its tail: the queue empty, "slow" holding the last batch and "fast" just gone idle."""
+    s = Scheduler(clock, prefetch=0, speculation=3.0)
+    pace = {"slow": slow_seconds, "fast": 1.0}
+    for worker_id in pace:
+        s.add_worker(worker_id, slots=1, env=ENV)
+    job = s.add_job(ENV)
+    add_many(s, job.id, 7)
+    s.close_input(job.id)
+    held_now = {a.worker_id: (a.batch, clock.now + pace[a.worker_id]) for a in s.dispatch()}
+    while job.queue:
+        worker_id = min(held_now, key=lambda w: (held_now[w][1], w != "slow"))  # "slow" first on a tie
+        batch, clock.now = held_now.pop(worker_id)
+        done(s, worker_id, batch)
+        held_now.update({a.worker_id: (a.batch, clock.now + pace[a.worker_id]) for a in s.dispatch()})
+    if "fast" in held_now:
+        batch, clock.now = held_now.pop("fast")
+        done(s, "fast", batch)
+    (last, _), = held_now.values()
+    assert s.workers["slow"].batches == {last.key: last} and s._idle() == {"fast": None}
+    return s, last
+
+
+def test_next_speculation_is_when_a_batch_turns_late(clock: FakeClock) -> None:
+    """A batch in flight 3x the typical time is late; next_speculation says when, so the shell can pump then."""
+    s, last = _tail_of_a_job(clock, slow_seconds=1.0)
+    assert clock.now < last.assigned_at + 3.0
+    assert s.dispatch() == []
+    due = s.next_speculation()
+    assert due == pytest.approx(last.assigned_at + 3.0)
+    clock.now = due - 0.01
+    assert s.dispatch() == []
+    clock.now = due + 0.01
+    (copy,) = s.dispatch()
+    assert copy.worker_id == "fast" and copy.batch is last and last.speculated
+    assert s.next_speculation() is None  # nobody idle, nothing left to copy
+
+
+def test_a_batch_on_a_known_slow_worker_is_copied_at_once_at_the_tail(clock: FakeClock) -> None:
+    """A worker that took 4x the typical time per task holds the last batch: an idle worker copies it now,
+    instead of waiting until the batch is 3x the typical age."""
+    s, last = _tail_of_a_job(clock, slow_seconds=4.0)
+    assert "slow" in s.jobs[last.job_id].slow and clock.now < last.assigned_at + 3.0
+    (copy,) = s.dispatch()
+    assert copy.worker_id == "fast" and copy.batch is last
+    completion = done(s, "fast", last)
+    assert completion is not None and completion.cancel_on == ("slow",)
+
+
+def test_a_worker_of_typical_pace_is_not_slow(clock: FakeClock) -> None:
+    s, last = _tail_of_a_job(clock, slow_seconds=1.0)
+    assert not s.jobs[last.job_id].slow and s.jobs[last.job_id].pace["slow"] == pytest.approx(1.0)
+
+
 # -- state table -------------------------------------------------------------------------------------------------
 
 
