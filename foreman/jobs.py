@@ -44,12 +44,13 @@ class Batcher:
 
     :param chunksize: a fixed size instead (tasks per batch).
     :param target_seconds: work per batch once task times are known. Larger amortises per-batch overhead
-        better; smaller balances the end of a job better and loses less when a worker dies.
+        better; smaller loses less when a worker dies. The end of a job is balanced by sizing batches to what
+        remains (see :meth:`next_size`), and a slow worker's batch by speculative copies (see the scheduler).
     :param max_items: cap on tasks per batch.
     :param target_bytes: cap on pickled arguments per batch, so large arguments stream rather than pile up.
     """
 
-    def __init__(self, chunksize: int | None = None, target_seconds: float = 0.1, max_items: int = 10_000,
+    def __init__(self, chunksize: int | None = None, target_seconds: float = 0.2, max_items: int = 10_000,
                  target_bytes: int = 4 * 1024 * 1024) -> None:
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1")
