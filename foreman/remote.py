@@ -158,6 +158,11 @@ class RemoteBackend:
                                                               f"{type(exc).__name__}: {exc}"))
                     return
                 log.warning("connection to the foreman lost (%s); reconnecting", exc)
+            except Exception as exc:  # anything else must end the jobs and start(), not leave them waiting
+                log.exception("the connection to the foreman at %s failed", self.address)
+                self._fatal(ConnectionError(f"the connection to the foreman at {self.address} failed: "
+                                            f"{type(exc).__name__}: {exc}"))
+                return
             self._ws = None
             if self._closing:
                 return

@@ -7,6 +7,7 @@ client's connection cut silently, the asyncio API, the ``crowdcompute jobs`` CLI
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import contextlib
@@ -20,10 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from conftest import ROOT, start_worker, stop_process, wait_until, worker_env
-from foreman import Foreman
+from foreman import Foreman, protocol
 from foreman.errors import AuthenticationError
+from foreman.protocol import Kind
 from service_tasks import executions, logged_square, nap_square
 from tasks import CustomError, boom, square
 
@@ -325,6 +328,36 @@ def test_embedded_foreman_keeps_detached_jobs(tmp_path: Path) -> None:
 def test_connecting_to_nothing_fails_clearly() -> None:
     with pytest.raises(ConnectionError, match="cannot reach the foreman"):
         Foreman.connect("ws://127.0.0.1:9", token="x")
+
+
+def test_a_welcome_the_client_cannot_use_fails_connect_instead_of_hanging_it() -> None:
+    """A server on loopback answers CONNECT with a WELCOME whose capacity is not a number."""
+    welcome = protocol.encode(Kind.WELCOME, {"session": "s", "heartbeat_interval": 1, "heartbeat_timeout": 6,
+                                             "max_message_size": 1 << 20, "capacity": "lots"})
+    ready: concurrent.futures.Future[int] = concurrent.futures.Future()
+    stop = threading.Event()
+
+    async def answer(ws: ServerConnection) -> None:
+        assert protocol.decode(await ws.recv(), 1 << 20).kind is Kind.CONNECT
+        await ws.send(welcome)
+        await ws.wait_closed()
+
+    async def server() -> None:
+        async with serve(answer, "127.0.0.1", 0) as running:
+            ready.set_result(running.sockets[0].getsockname()[1])
+            await asyncio.to_thread(stop.wait)
+
+    thread = threading.Thread(target=asyncio.run, args=(server(),), daemon=True)
+    thread.start()
+    try:
+        port = ready.result(timeout=30)
+        connecting = concurrent.futures.ThreadPoolExecutor(1).submit(Foreman.connect, f"ws://127.0.0.1:{port}",
+                                                                     token="x")
+        with pytest.raises(ConnectionError, match="ValueError"):
+            connecting.result(timeout=60)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 
