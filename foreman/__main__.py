@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of silence after which a worker is declared lost")
     parser.add_argument("--speculation", type=float, default=3.0, metavar="FACTOR",
                         help="at a job's tail, start a second copy of a batch running this many times longer than "
-                             "the job's typical task on an idle worker, first result wins (default 3; 0: never, "
-                             "so no task is ever run twice on purpose)")
+                             "the job's typical task on an idle worker, or held by a worker seen to be twice as "
+                             "slow, first result wins (default 3; 0: never, so no task is ever run twice on "
+                             "purpose)")
     parser.add_argument("--log-level", default=os.environ.get("CROWDCOMPUTE_LOG_LEVEL", "INFO"),
                         help="DEBUG, INFO, WARNING or ERROR (env CROWDCOMPUTE_LOG_LEVEL)")
     parser.add_argument("--log-json", action="store_true",

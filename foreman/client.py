@@ -78,7 +78,8 @@ class Foreman(AsyncAPI):
     :param max_message_size: largest message in either direction; bounds memory per connection.
     :param max_task_losses: a task in flight on this many workers that died in a row fails as poison.
     :param speculation: at a job's tail, start a second copy of a batch running this many times longer than the
-        job's typical task on an idle worker (first result wins); None turns it off.
+        job's typical task on an idle worker (first result wins), and at once of a batch held by a worker already
+        seen to run the job at half the typical speed or worse; None turns it off.
     :param trust_workers: unpickle results with full pickle (code from workers could run here). Default:
         True on a loopback address, False elsewhere, where results are loaded with a restricted loader that
         only rebuilds plain data (builtins, containers, numbers, strings, bytes, registered safe types).

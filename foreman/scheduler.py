@@ -223,9 +223,11 @@ class Scheduler:
     :param max_task_losses: a task in flight on this many workers that died in a row is failed as poison.
     :param speculation: when a job has no queued batch for an idle worker (its tail, or an ordered job held up
         by its oldest batch), a batch in flight for longer than this many times the job's typical time (and at
-        least :data:`SPECULATION_MIN_AGE`) is also started on the idle worker; the first result wins and the
-        other copy is cancelled. Costs duplicate work at the tail of a job, saves
-        waiting for its slowest volunteer. None turns it off.
+        least :data:`SPECULATION_MIN_AGE`) is also started on the idle worker, and so is, at once, a batch held
+        by a worker whose own pace on the job is :data:`SLOW_PACE` times the typical or worse, when a typical
+        worker would finish it in half the time the holder still needs; the first result wins and the other copy
+        is cancelled. Costs duplicate work at the tail of a job, saves waiting for its slowest volunteer.
+        :meth:`next_speculation` says when the next batch turns late. None turns it off.
     :param rng: draws which batches are spot-checked (seed it in tests).
     """
 
@@ -662,7 +664,8 @@ class Scheduler:
 
     def _held_by_slow(self, job: Job, typical: float, now: float, seen: set[int]) -> list[tuple[float, Batch, Job]]:
         """The job's first copies held by workers known to be slow at it, which a typical worker would finish
-        in half the time the holder still needs (by its own pace), with how many times over."""
+        in half the time the holder still needs (by its own pace), with how many times over. Not when the
+        holder still needs under :data:`SPECULATION_MIN_AGE`: a copy would not save what it costs."""
         out = []
         for worker_id in job.slow:
             worker = self.workers.get(worker_id)
@@ -671,7 +674,7 @@ class Scheduler:
                 if batch.job_id != job.id or job.flying.get(batch.start) is not batch or id(batch) in seen:
                     continue
                 still_needs = batch.assigned_at + pace * batch.count - now
-                if still_needs > 2 * typical * batch.count:
+                if still_needs > max(2 * typical * batch.count, SPECULATION_MIN_AGE):
                     out.append((still_needs / (typical * batch.count), batch, job))
         return out
 

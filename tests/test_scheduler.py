@@ -531,11 +531,11 @@ def test_no_reservation_when_an_idle_worker_takes_the_suspect(s: Scheduler) -> N
 # -- speculation -------------------------------------------------------------------------------------------------
 
 
-def _tail_of_a_job(clock: FakeClock, slow_seconds: float) -> tuple[Scheduler, Batch]:
-    """Run a job of 7 single-task batches on "fast" (1 s a task) and "slow" (``slow_seconds`` a task), without
-    prefetch, up to its tail: the queue empty, "slow" holding the last batch and "fast" just gone idle."""
+def _tail_of_a_job(clock: FakeClock, slow_seconds: float, fast_seconds: float = 1.0) -> tuple[Scheduler, Batch]:
+    """Run a job of 7 single-task batches on "fast" and "slow" (seconds a task each), without prefetch, up to its
+    tail: the queue empty, "slow" holding the last batch and "fast" just gone idle."""
     s = Scheduler(clock, prefetch=0, speculation=3.0)
-    pace = {"slow": slow_seconds, "fast": 1.0}
+    pace = {"slow": slow_seconds, "fast": fast_seconds}
     for worker_id in pace:
         s.add_worker(worker_id, slots=1, env=ENV)
     job = s.add_job(ENV)
@@ -579,6 +579,14 @@ def test_a_batch_on_a_known_slow_worker_is_copied_at_once_at_the_tail(clock: Fak
     assert copy.worker_id == "fast" and copy.batch is last
     completion = done(s, "fast", last)
     assert completion is not None and completion.cancel_on == ("slow",)
+
+
+def test_a_slow_workers_batch_is_not_copied_when_it_is_nearly_done_anyway(clock: FakeClock) -> None:
+    """Tasks of 10 ms on "fast", 40 ms on "slow": a copy would save under SPECULATION_MIN_AGE, less than
+    replacing the task process it kills costs."""
+    s, last = _tail_of_a_job(clock, slow_seconds=0.04, fast_seconds=0.01)
+    assert "slow" in s.jobs[last.job_id].slow
+    assert s.dispatch() == []
 
 
 def test_a_worker_of_typical_pace_is_not_slow(clock: FakeClock) -> None:
