@@ -599,26 +599,27 @@ class Scheduler:
             return None
         now = self.clock()
         soonest: float | None = None
-        for job in self.jobs.values():
-            limits = self._lateness_limits(job)
-            if limits is None:
-                continue
-            typical, youngest_late = limits
+        for job, typical, youngest_late in self._copyable():
             for batch in job.flying.values():
                 if soonest is not None and batch.assigned_at + youngest_late >= soonest:
                     break  # this batch and every later one turn late later still
-                due = batch.assigned_at + max(typical * batch.count * self.speculation, SPECULATION_MIN_AGE)
+                due = batch.assigned_at + self._late_after(typical, batch.count)
                 if due > now and (soonest is None or due < soonest):
                     soonest = due
         return soonest
 
-    def _lateness_limits(self, job: Job) -> tuple[float, float] | None:
-        """(typical seconds per task, the age at which a one-task batch is late) for a job whose batches may be
-        copied now: nothing left queued for idle workers, and its task time known. None for any other job."""
-        if self.speculation is None or job.has_queued or len(job.durations) < 5 or not job.flying:
-            return None
-        typical = _typical(job)
-        return typical, max(typical * self.speculation, SPECULATION_MIN_AGE)
+    def _copyable(self) -> Iterator[tuple[Job, float, float]]:
+        """(job, typical seconds per task, the age at which a one-task batch is late) for each job whose batches
+        may be copied now: nothing left queued for idle workers, and its task time known."""
+        for job in self.jobs.values():
+            if self.speculation is not None and not job.has_queued and len(job.durations) >= 5 and job.flying:
+                typical = _typical(job)
+                yield job, typical, self._late_after(typical, 1)
+
+    def _late_after(self, typical: float, count: int) -> float:
+        """Seconds in flight after which a batch of ``count`` tasks is late."""
+        assert self.speculation is not None
+        return max(typical * count * self.speculation, SPECULATION_MIN_AGE)
 
     def _speculate(self) -> list[Assignment]:
         """Start second copies of late batches on idle workers, at the tail of jobs with nothing queued.
@@ -631,16 +632,12 @@ class Scheduler:
             return []
         now = self.clock()
         late: list[tuple[float, Batch, Job]] = []
-        for job in self.jobs.values():
-            limits = self._lateness_limits(job)
-            if limits is None:
-                continue
-            typical, youngest_late = limits
+        for job, typical, youngest_late in self._copyable():
             for batch in job.flying.values():
                 age = now - batch.assigned_at
                 if age <= youngest_late:
                     break  # this batch and every later one started too recently to be late
-                lateness = age / max(typical * batch.count * self.speculation, SPECULATION_MIN_AGE)
+                lateness = age / self._late_after(typical, batch.count)
                 if lateness > 1.0:
                     late.append((lateness, batch, job))
             late.extend(self._held_by_slow(job, typical, now, {id(b) for _, b, _ in late}))
