@@ -145,6 +145,7 @@ class Job:
     tasks_done: int = 0
     tasks_failed: int = 0
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # recent batch run times
+    typical: float | None = None  # the median of durations, once there are 5
     pace: dict[str, float] = field(default_factory=dict)  # worker -> its recent seconds per task on this job
     slow: set[str] = field(default_factory=set)  # workers whose pace is SLOW_PACE times the job's typical or more
     copies: int = 1  # workers each batch runs on (redundancy)
@@ -526,6 +527,8 @@ class Scheduler:
         job.tasks_done += batch.count
         per_task = (self.clock() - batch.assigned_at) / batch.count
         job.durations.append(per_task)
+        if len(job.durations) >= 5:
+            job.typical = sorted(job.durations)[len(job.durations) // 2]
         if exclude and not batch.speculated:  # a copy's time counts from the first copy's start: not its pace
             old = job.pace.get(exclude)
             job.pace[exclude] = per_task if old is None else (old + per_task) / 2
@@ -612,9 +615,8 @@ class Scheduler:
         """(job, typical seconds per task, the age at which a one-task batch is late) for each job whose batches
         may be copied now: nothing left queued for idle workers, and its task time known."""
         for job in self.jobs.values():
-            if self.speculation is not None and not job.has_queued and len(job.durations) >= 5 and job.flying:
-                typical = _typical(job)
-                yield job, typical, self._late_after(typical, 1)
+            if self.speculation is not None and job.typical is not None and job.flying and not job.has_queued:
+                yield job, job.typical, self._late_after(job.typical, 1)
 
     def _late_after(self, typical: float, count: int) -> float:
         """Seconds in flight after which a batch of ``count`` tasks is late."""
@@ -676,9 +678,9 @@ class Scheduler:
         return out
 
     def _classify_pace(self, job: Job, worker_ids: Iterable[str]) -> None:
-        if len(job.durations) < 5:
+        if job.typical is None:
             return
-        limit = SLOW_PACE * _typical(job)
+        limit = SLOW_PACE * job.typical
         for worker_id in worker_ids:
             if job.pace[worker_id] >= limit:
                 job.slow.add(worker_id)
@@ -870,8 +872,3 @@ def _split(batch: Batch) -> Iterable[Batch]:
     for offset, payload in enumerate(split_payload(batch.payload, batch.count)):
         yield Batch(batch.job_id, batch.start + offset, 1, payload, strikes=batch.strikes,
                     last_loss=batch.last_loss, copies=batch.copies, spot_check=batch.spot_check)
-
-
-def _typical(job: Job) -> float:
-    """A job's median seconds per task over its recent batches (it must have some)."""
-    return sorted(job.durations)[len(job.durations) // 2]
