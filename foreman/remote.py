@@ -108,6 +108,7 @@ class RemoteBackend:
         self._ready: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
+        self._failed: BaseException | None = None  # what ended the connection for good (see _fatal)
         self._last_heard = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -170,6 +171,7 @@ class RemoteBackend:
             attempt += 1
 
     def _fatal(self, error: BaseException) -> None:
+        self._failed = error
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)
         for job in set(self.jobs.values()):
@@ -243,6 +245,8 @@ class RemoteBackend:
                 total: int | None = None, requires: frozenset[str] = frozenset(),
                 resources: dict[str, float] | None = None, priority: int = 0, task_timeout: float | None = None,
                 detached: bool = False, validation: Policy | None = None) -> int:
+        if self._failed is not None:  # nothing would ever send it: say so instead of waiting forever
+            raise ConnectionError(f"the connection to the foreman at {self.address} has ended: {self._failed}")
         placement = {"requires": requires, "resources": resources or {}, "priority": priority,
                      "task_timeout": task_timeout, "validation": validation}
         options = placement_to_json(placement)  # before anything is sent: ValueError for a comparator

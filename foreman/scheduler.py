@@ -147,7 +147,7 @@ class Job:
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # recent batch run times
     typical: float | None = None  # the median of durations, once there are 5
     pace: dict[str, float] = field(default_factory=dict)  # worker -> its recent seconds per task on this job
-    slow: set[str] = field(default_factory=set)  # workers whose pace is SLOW_PACE times the job's typical or more
+    slow: dict[str, None] = field(default_factory=dict)  # workers at SLOW_PACE times the typical or slower (ordered)
     copies: int = 1  # workers each batch runs on (redundancy)
     spot_check: float = 0.0  # fraction of batches that also run on a trusted worker
     replicas: dict[int, Batch] = field(default_factory=dict)  # start -> assigned batch wanting more copies
@@ -332,6 +332,10 @@ class Scheduler:
         self._refile(worker)
         for job_id in worker.jobs:
             self._holders.get(job_id, set()).discard(worker_id)
+            job = self.jobs.get(job_id)
+            if job is not None:
+                job.pace.pop(worker_id, None)
+                job.slow.pop(worker_id, None)
         if lost:
             self.workers_lost += 1
         failures = []
@@ -516,6 +520,7 @@ class Scheduler:
         """The batch is finished (its result accepted, or its validation given up); copies still running on
         workers other than ``exclude`` are to be cancelled."""
         _move(batch, Event.COMPLETE)
+        ran_it = exclude in batch.holders and not batch.speculated  # a copy is timed from the first one's start
         others = tuple(w for w in batch.holders if w != exclude)
         for other in others:
             self._release(self.workers[other], batch.key)
@@ -529,7 +534,7 @@ class Scheduler:
         job.durations.append(per_task)
         if len(job.durations) >= 5:
             job.typical = sorted(job.durations)[len(job.durations) // 2]
-        if exclude and not batch.speculated:  # a copy's time counts from the first copy's start: not its pace
+        if ran_it:
             old = job.pace.get(exclude)
             job.pace[exclude] = per_task if old is None else (old + per_task) / 2
             self._classify_pace(job, (exclude,))
@@ -627,22 +632,26 @@ class Scheduler:
         """Start second copies of late batches on idle workers, at the tail of jobs with nothing queued.
 
         Only each job's oldest first copies are looked at (``Job.flying`` is in the order they were assigned,
-        and the walk stops at the first batch too young to be late), and idle workers only once some batch is
-        late, so a dispatch with nothing to speculate on costs O(jobs).
+        and the walk stops at the first batch too young to be late), the batches its slow workers hold, and idle
+        workers only once some batch is late: a dispatch with nothing to speculate on costs O(jobs) plus the
+        batches of workers known to be slow.
         """
         if not self._idle():
             return []
         now = self.clock()
         late: list[tuple[float, Batch, Job]] = []
         for job, typical, youngest_late in self._copyable():
+            job_late = []
             for batch in job.flying.values():
                 age = now - batch.assigned_at
                 if age <= youngest_late:
                     break  # this batch and every later one started too recently to be late
                 lateness = age / self._late_after(typical, batch.count)
                 if lateness > 1.0:
-                    late.append((lateness, batch, job))
-            late.extend(self._held_by_slow(job, typical, now, {id(b) for _, b, _ in late}))
+                    job_late.append((lateness, batch, job))
+            if job.slow and typical > 0:  # (a clock too coarse to time the tasks tells nobody's pace)
+                job_late.extend(self._held_by_slow(job, typical, now, {id(b) for _, b, _ in job_late}))
+            late.extend(job_late)
         if not late:
             return []
         late.sort(key=lambda entry: -entry[0])  # the latest first
@@ -663,8 +672,8 @@ class Scheduler:
 
     def _held_by_slow(self, job: Job, typical: float, now: float, seen: set[int]) -> list[tuple[float, Batch, Job]]:
         """The job's first copies held by workers known to be slow at it, which a typical worker would finish
-        in half the time the holder still needs (by its own pace), with how many times over. Not when the
-        holder still needs under :data:`SPECULATION_MIN_AGE`: a copy would not save what it costs."""
+        in half the time the holder still needs (by its own pace), with how many times over. Only when the
+        copy would save :data:`SPECULATION_MIN_AGE` or more: less does not pay for the task process it kills."""
         out = []
         for worker_id in job.slow:
             worker = self.workers.get(worker_id)
@@ -673,19 +682,20 @@ class Scheduler:
                 if batch.job_id != job.id or job.flying.get(batch.start) is not batch or id(batch) in seen:
                     continue
                 still_needs = batch.assigned_at + pace * batch.count - now
-                if still_needs > max(2 * typical * batch.count, SPECULATION_MIN_AGE):
-                    out.append((still_needs / (typical * batch.count), batch, job))
+                copy_needs = typical * batch.count
+                if still_needs > max(2 * copy_needs, copy_needs + SPECULATION_MIN_AGE):
+                    out.append((still_needs / copy_needs, batch, job))
         return out
 
     def _classify_pace(self, job: Job, worker_ids: Iterable[str]) -> None:
-        if job.typical is None:
+        if not job.typical:  # unknown yet, or too short for this clock to tell workers apart
             return
         limit = SLOW_PACE * job.typical
         for worker_id in worker_ids:
             if job.pace[worker_id] >= limit:
-                job.slow.add(worker_id)
+                job.slow[worker_id] = None
             else:
-                job.slow.discard(worker_id)
+                job.slow.pop(worker_id, None)
 
     def _next_batch_for(self, worker: Worker) -> Batch | None:
         """Round-robin over runnable jobs this worker can serve.

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from foreman.http import HttpServer
 
 log = logging.getLogger("crowdcompute.foreman")
+#: Seconds a timer is set past its moment: asyncio may run one up to its clock's resolution early (15.6 ms on some
+#: Windows clocks), and a timer that finds nothing due yet would be set again for the same instant.
+_TIMER_SLACK = 0.002
 
 #: Seconds a new connection has to send its HELLO. Bounds what a silent peer can hold.
 HANDSHAKE_TIMEOUT = 10.0
@@ -669,7 +672,7 @@ class ForemanServer:
         if due is None or self.closing:
             return
         loop = asyncio.get_running_loop()
-        when = loop.time() + (due - self.scheduler.clock())
+        when = loop.time() + (due - self.scheduler.clock()) + _TIMER_SLACK
         timer = self._speculation_timer
         if timer is not None:
             if not timer.cancelled() and timer.when() <= when:

@@ -581,12 +581,44 @@ def test_a_batch_on_a_known_slow_worker_is_copied_at_once_at_the_tail(clock: Fak
     assert completion is not None and completion.cancel_on == ("slow",)
 
 
-def test_a_slow_workers_batch_is_not_copied_when_it_is_nearly_done_anyway(clock: FakeClock) -> None:
-    """Tasks of 10 ms on "fast", 40 ms on "slow": a copy would save under SPECULATION_MIN_AGE, less than
-    replacing the task process it kills costs."""
-    s, last = _tail_of_a_job(clock, slow_seconds=0.04, fast_seconds=0.01)
+def test_a_slow_workers_batch_is_copied_only_to_save_at_least_the_minimum_age(clock: FakeClock) -> None:
+    """Tasks of 0.2 s on "fast" and 0.8 s on "slow": a copy of the last batch needs 0.2 s. While "slow" still
+    needs 0.6 s, the copy saves 0.4 s; once it needs only 0.43 s, 0.23 s, under SPECULATION_MIN_AGE (0.25 s),
+    which would not pay for replacing the task process the losing copy kills."""
+    s, last = _tail_of_a_job(clock, slow_seconds=0.8, fast_seconds=0.2)
     assert "slow" in s.jobs[last.job_id].slow
+    still_needs = last.assigned_at + 0.8 - clock.now
+    assert still_needs == pytest.approx(0.6)
+    clock.now += still_needs - 0.43
     assert s.dispatch() == []
+    s, last = _tail_of_a_job(FakeClock(100.0), slow_seconds=0.8, fast_seconds=0.2)
+    (copy,) = s.dispatch()
+    assert copy.batch is last
+
+
+def test_tasks_too_short_for_the_clock_make_nobody_slow(clock: FakeClock) -> None:
+    """Every batch but the slow worker's first settles without the clock moving (a coarse clock, tiny tasks):
+    the typical time is 0, which tells nobody's pace; the tail is left to the late-batch rule."""
+    s = Scheduler(clock, prefetch=0, speculation=3.0)
+    s.add_worker("fast", slots=1, env=ENV)
+    s.add_worker("slow", slots=1, env=ENV)
+    job = s.add_job(ENV)
+    add_many(s, job.id, 8)
+    s.close_input(job.id)
+    held_now = {a.worker_id: a.batch for a in s.dispatch()}
+    clock.now += 1.0
+    done(s, "slow", held_now.pop("slow"))
+    held_now.update({a.worker_id: a.batch for a in s.dispatch()})
+    while job.queue:
+        done(s, "fast", held_now.pop("fast"))
+        held_now.update({a.worker_id: a.batch for a in s.dispatch()})
+    done(s, "fast", held_now.pop("fast"))
+    assert job.typical == 0.0 and not job.slow
+    clock.now += 0.1
+    assert s.dispatch() == []  # the slow worker's batch is 0.1 s old: not late, and nobody is known to be slow
+    clock.now += 0.2
+    (copy,) = s.dispatch()
+    assert copy.batch is held_now["slow"]
 
 
 def test_a_worker_of_typical_pace_is_not_slow(clock: FakeClock) -> None:

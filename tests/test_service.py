@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -330,35 +330,72 @@ def test_connecting_to_nothing_fails_clearly() -> None:
         Foreman.connect("ws://127.0.0.1:9", token="x")
 
 
-def test_a_welcome_the_client_cannot_use_fails_connect_instead_of_hanging_it() -> None:
-    """A server on loopback answers CONNECT with a WELCOME whose capacity is not a number."""
-    welcome = protocol.encode(Kind.WELCOME, {"session": "s", "heartbeat_interval": 1, "heartbeat_timeout": 6,
-                                             "max_message_size": 1 << 20, "capacity": "lots"})
-    ready: concurrent.futures.Future[int] = concurrent.futures.Future()
-    stop = threading.Event()
+class _FakeForeman:
+    """A WebSocket server on loopback that answers each CONNECT with the next of ``welcomes`` and then hangs up
+    after ``hold`` seconds."""
 
-    async def answer(ws: ServerConnection) -> None:
+    def __init__(self, welcomes: list[dict[str, object]], hold: float = 3600.0) -> None:
+        self.welcomes = [protocol.encode(Kind.WELCOME, {"session": "s", "heartbeat_interval": 1,
+                                                         "heartbeat_timeout": 6, "max_message_size": 1 << 20,
+                                                         **extra}) for extra in welcomes]
+        self.hold = hold
+        self._port: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        return f"ws://127.0.0.1:{self._port.result(timeout=30)}"
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    async def _answer(self, ws: ServerConnection) -> None:
         assert protocol.decode(await ws.recv(), 1 << 20).kind is Kind.CONNECT
-        await ws.send(welcome)
-        await ws.wait_closed()
+        await ws.send(self.welcomes.pop(0) if len(self.welcomes) > 1 else self.welcomes[0])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ws.wait_closed(), self.hold)
 
-    async def server() -> None:
-        async with serve(answer, "127.0.0.1", 0) as running:
-            ready.set_result(running.sockets[0].getsockname()[1])
-            await asyncio.to_thread(stop.wait)
+    async def _serve(self) -> None:
+        async with serve(self._answer, "127.0.0.1", 0) as running:
+            self._port.set_result(running.sockets[0].getsockname()[1])
+            await asyncio.to_thread(self._stop.wait)
 
-    thread = threading.Thread(target=asyncio.run, args=(server(),), daemon=True)
-    thread.start()
-    try:
-        port = ready.result(timeout=30)
-        connecting = concurrent.futures.ThreadPoolExecutor(1).submit(Foreman.connect, f"ws://127.0.0.1:{port}",
-                                                                     token="x")
+
+def _in_a_daemon_thread(call: Callable[[], object]) -> concurrent.futures.Future[object]:
+    """Run ``call`` where a hang cannot keep the test run from ending."""
+    outcome: concurrent.futures.Future[object] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            outcome.set_result(call())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return outcome
+
+
+def test_a_welcome_the_client_cannot_use_fails_connect_instead_of_hanging_it() -> None:
+    with _FakeForeman([{"capacity": "lots"}]) as address:  # capacity must be a number
+        connecting = _in_a_daemon_thread(lambda: Foreman.connect(address, token="x"))
         with pytest.raises(ConnectionError, match="ValueError"):
             connecting.result(timeout=60)
-    finally:
-        stop.set()
-        thread.join(timeout=30)
 
+
+def test_a_client_whose_connection_failed_for_good_refuses_new_jobs_instead_of_hanging_them() -> None:
+    """The first connection works; the foreman hangs up and, on the reconnect, sends a WELCOME the client cannot
+    use: a job started after that fails at once."""
+    with _FakeForeman([{}, {"capacity": "lots"}], hold=0.5) as address:
+        fm = Foreman.connect(address, token="x")
+        try:
+            wait_until(lambda: fm._backend._failed is not None, timeout=30)
+            mapping = _in_a_daemon_thread(lambda: fm.map(square, range(3)))
+            with pytest.raises(ConnectionError, match="has ended"):
+                mapping.result(timeout=60)
+        finally:
+            fm.close()
 
 
 def test_a_function_from_a_local_module_travels_by_value(service: Service, tmp_path: Path,
