@@ -104,6 +104,12 @@ def slow_where_marked(x: int) -> tuple[int, int]:
     return x, os.getppid()
 
 
+def stalls_where_marked(x: int) -> int:
+    """Half a second, or 30 s on a worker started with CROWDCOMPUTE_TEST_SLOW=1: a stalled volunteer."""
+    time.sleep(30.0 if os.environ.get("CROWDCOMPUTE_TEST_SLOW") else 0.5)
+    return x
+
+
 def counts_to(args: tuple[int, float]) -> tuple[int, int, int]:
     """Counts to ``n`` one step every ``pause`` seconds, checkpointing each step: (n, first step, worker pid)."""
     from worker import checkpoint, last_checkpoint

@@ -3,6 +3,7 @@ speculative copies of stragglers."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import wait_until, worker_env
 from foreman import Foreman
-from tasks import boom, flaky, slow_where_marked, square, whoami
+from tasks import boom, flaky, slow_where_marked, square, stalls_where_marked, whoami
 
 
 @pytest.fixture
@@ -100,6 +101,40 @@ def test_a_straggler_gets_a_speculative_copy(spawn_worker) -> None:
         # The slow worker's batches were rerun on the fast one; the job did not wait out all of them.
         assert sum(pid == fast.pid for _, pid in results) >= 34, (elapsed, scheduler.speculated)
         assert slow.poll() is None and fm._server.scheduler.workers_lost == 0
+
+
+def test_the_foreman_copies_a_batch_the_moment_it_turns_late(spawn_worker) -> None:
+    """"fast" runs 5 tasks of 0.5 s while "slow" stalls on 2: once "fast" is idle and nothing is queued, the
+    foreman has a timer set for when the first stalled batch turns late (3x the typical time), instead of
+    leaving the copy to the next event or its once-a-second tick."""
+    with Foreman(port=0, heartbeat_interval=5.0) as fm:
+        spawn_worker(fm.address, "--concurrency", "1", "--worker-id", "fast")
+        spawn_worker(fm.address, "--concurrency", "1", "--worker-id", "slow",
+                     env=worker_env(CROWDCOMPUTE_TEST_SLOW="1"))
+        fm.wait_for_workers(2)
+        server = fm._server
+        job = fm.imap(stalls_where_marked, range(7), chunksize=1)
+
+        def timer_at_due() -> tuple[float, float] | None:
+            due = server.scheduler.next_speculation()
+            timer = server._speculation_timer
+            if due is None or "fast" not in server.scheduler._idle() or timer is None:
+                return None
+            return timer.when(), asyncio.get_running_loop().time() + due - server.scheduler.clock()
+
+        found: list[tuple[float, float]] = []
+
+        def armed() -> bool:
+            look = fm._call(timer_at_due)
+            if look is not None:
+                found.append(look)
+            return look is not None
+
+        wait_until(armed, timeout=60, interval=0.01)
+        when, due = found[0]
+        assert due < when < due + 0.05
+        assert list(job) == list(range(7))
+        assert server.scheduler.speculated == 2
 
 
 def test_task_timeout_stops_a_task_and_the_worker_goes_on(fleet) -> None:
