@@ -532,14 +532,8 @@ class Scheduler:
         job.tasks_done += batch.count
         per_task = (self.clock() - batch.assigned_at) / batch.count
         job.durations.append(per_task)
-        if len(job.durations) >= 5:
-            job.typical = sorted(job.durations)[len(job.durations) // 2]
-        if ran_it:
-            old = job.pace.get(exclude)
-            job.pace[exclude] = per_task if old is None else (old + per_task) / 2
-            self._classify_pace(job, (exclude,))
-        if len(job.durations) == 5:  # the job's typical time is known from now on: judge everyone seen so far
-            self._classify_pace(job, list(job.pace))
+        if self.speculation is not None:
+            self._observe_pace(job, per_task, exclude if ran_it else "")
         batch.payload = Pickled(b"")
         self._refresh_runnable(job)
         return Completion(batch, others)
@@ -686,6 +680,18 @@ class Scheduler:
                 if still_needs > max(2 * copy_needs, copy_needs + SPECULATION_MIN_AGE):
                     out.append((still_needs / copy_needs, batch, job))
         return out
+
+    def _observe_pace(self, job: Job, per_task: float, worker_id: str) -> None:
+        """What speculation learns from a settled batch: the job's typical time per task and, if ``worker_id``
+        ran the batch (not "": a copy, or a result from elsewhere), that worker's pace."""
+        if len(job.durations) >= 5:
+            job.typical = sorted(job.durations)[len(job.durations) // 2]
+        if worker_id:
+            old = job.pace.get(worker_id)
+            job.pace[worker_id] = per_task if old is None else (old + per_task) / 2
+            self._classify_pace(job, (worker_id,))
+        if len(job.durations) == 5:  # the job's typical time is known from now on: judge everyone seen so far
+            self._classify_pace(job, list(job.pace))
 
     def _classify_pace(self, job: Job, worker_ids: Iterable[str]) -> None:
         if not job.typical:  # unknown yet, or too short for this clock to tell workers apart
