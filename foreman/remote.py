@@ -34,6 +34,7 @@ from foreman.errors import (
     rebuild_failure,
 )
 from foreman.jobs import placement_to_json
+from foreman.local_link import handle_each
 from foreman.outbound import Outbound
 from foreman.protocol import Kind
 from foreman.retry import backoff_delay
@@ -211,9 +212,7 @@ class RemoteBackend:
             self._ready.set_result(None)
         helpers = [asyncio.create_task(self._heartbeats(ws)), asyncio.create_task(outbound.run())]
         try:
-            async for data in ws:
-                self._last_heard = time.monotonic()
-                self._on_message(protocol.decode(data, self.max_message_size))
+            await handle_each(ws, self._on_frame)
         finally:
             for helper in helpers:
                 helper.cancel()
@@ -330,6 +329,10 @@ class RemoteBackend:
             self._send(Kind.INPUT_END, {"job": job.job_id})
 
     # -- messages from the foreman ---------------------------------------------------------------------------
+
+    def _on_frame(self, data: bytes | bytearray) -> None:
+        self._last_heard = time.monotonic()
+        self._on_message(protocol.decode(data, self.max_message_size))
 
     def _on_message(self, msg: protocol.Message) -> None:
         kind, header = msg.kind, msg.header
