@@ -582,10 +582,13 @@ class Scheduler:
     def _least_loaded_first(self) -> Iterator[str]:
         """The free workers for one dispatch pass, least loaded first, each once. Loads are few (batches held
         per slot), so only they are sorted; a bucket is listed when the pass reaches it, and the pass stops
-        when the queues are empty, so the fleet's size does not enter a pass that assigns a few batches."""
+        when the queues are empty, so the fleet's size does not enter a pass that assigns a few batches.
+        Idle workers come the most recently filed first: the one that just finished a batch is the likeliest to
+        be awake (a local worker polls for a while, see :mod:`worker.polling`), which shortens a round trip."""
         visited: set[str] = set()  # a worker given a batch moves to a fuller bucket: not visited twice
         for load in sorted(self._by_load):
-            for worker_id in list(self._by_load.get(load, ())):
+            bucket = self._by_load.get(load, {})
+            for worker_id in list(reversed(bucket) if load == 0.0 else bucket):
                 if worker_id not in visited:
                     visited.add(worker_id)
                     yield worker_id

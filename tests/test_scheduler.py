@@ -305,7 +305,7 @@ def test_multi_task_batch_split_after_second_loss(s: Scheduler) -> None:
     s.add_worker("w3", 1, ENV)
     s.add_worker("w4", 1, ENV)
     out = s.dispatch()
-    assert sorted((a.worker_id, a.batch.start) for a in out) == [("w3", 10), ("w4", 11)]
+    assert sorted((a.worker_id, a.batch.start) for a in out) == [("w3", 11), ("w4", 10)]  # newest filed first
     assert s.complete("w3", job.id, 10, 3) is None  # a stale result for the old, split batch
 
 
@@ -360,8 +360,8 @@ def test_clean_removal_requeues_at_front_without_strike(clock: FakeClock) -> Non
 def test_hand_back_requeues_at_front_without_strike(clock: FakeClock) -> None:
     """A batch handed back unstarted goes to the front of the queue; others' hand-backs are ignored."""
     s = Scheduler(clock, prefetch=0)
-    s.add_worker("a", 1, ENV)
     s.add_worker("b", 1, ENV)
+    s.add_worker("a", 1, ENV)  # filed last: served first
     job = s.add_job(ENV)
     b0, b1, b2 = add_many(s, job.id, 3)
     s.dispatch()
@@ -429,8 +429,8 @@ def test_crashed_counts_as_strike(s: Scheduler) -> None:
 
 def test_cancel_job_returns_running_and_clears_queue(s: Scheduler) -> None:
     """Cancelling returns the running (worker, batch) pairs, queues nothing, and finishes the job."""
-    s.add_worker("a", 1, ENV)
     s.add_worker("b", 1, ENV)
+    s.add_worker("a", 1, ENV)  # filed last: served first
     job = s.add_job(ENV)
     batches = add_many(s, job.id, 6)
     s.dispatch()
@@ -495,8 +495,8 @@ def test_forget_job_names_function_holders(s: Scheduler) -> None:
 
 def test_busy_worker_reserved_for_waiting_suspect(s: Scheduler) -> None:
     """With suspects waiting and every worker busy, one worker takes nothing new until empty, then the suspect."""
-    s.add_worker("a", 1, ENV)
     s.add_worker("b", 1, ENV)
+    s.add_worker("a", 1, ENV)  # filed last: served first
     job = s.add_job(ENV)
     b0, b1, b2, b3, b4, b5 = add_many(s, job.id, 6)
     s.dispatch()

@@ -55,19 +55,35 @@ def test_speculation_skips_workers_that_cannot_run_the_late_job() -> None:
     assert [(a.worker_id, a.batch.start) for a in s.dispatch()] == [("here", 10)]
 
 
-def test_idle_workers_are_served_before_busy_ones_in_arrival_order() -> None:
+def test_idle_workers_are_served_before_busy_ones_the_last_filed_first() -> None:
     clock = FakeClock(100.0)
     s = Scheduler(clock, prefetch=1, speculation=None)
     job = s.add_job(ENV)
     for name in ("a", "b", "c"):
         s.add_worker(name, 1, ENV)
     first = add(s, job.id, 0)
-    assert [a.worker_id for a in s.dispatch()] == ["a"]  # a has room for a prefetch but b and c are idle
+    assert [a.worker_id for a in s.dispatch()] == ["c"]  # c has room for a prefetch but a and b are idle
     add(s, job.id, 1)
     add(s, job.id, 2)
     add(s, job.id, 3)
-    assert [a.worker_id for a in s.dispatch()] == ["b", "c", "a"]
-    done(s, "a", first)
+    assert [a.worker_id for a in s.dispatch()] == ["b", "a", "c"]
+    done(s, "c", first)
+    _check_indexes(s)
+
+
+def test_the_worker_that_finished_last_gets_the_next_batch() -> None:
+    """Of idle workers, the one that finished most recently is served first: its processes are the likeliest to
+    be awake (a local worker polls for a while after each batch, see worker.polling)."""
+    clock = FakeClock(100.0)
+    s = Scheduler(clock, prefetch=0, speculation=None)
+    job = s.add_job(ENV)
+    for name in ("a", "b"):
+        s.add_worker(name, 1, ENV)
+    for i in range(4):
+        batch = add(s, job.id, i)
+        (assignment,) = s.dispatch()
+        assert assignment.worker_id == "b"  # b ran every call, one after the other, and a stayed idle
+        done(s, "b", batch)
     _check_indexes(s)
 
 
