@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from foreman.tls import parse_fingerprint
+from worker import polling
 from worker.config import WorkerConfig, default_worker_id
 from worker.limits import parse_size
 from worker.prefs import Prefs
@@ -155,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(Worker(config).run())
+        worker = Worker(config)
+        if worker.polls:
+            polling.run(worker.run(), polling.PollingSelector(worker.may_poll))
+        else:
+            asyncio.run(worker.run())
     except (FatalConnectionError, RuntimeError) as exc:  # RuntimeError: a preference this machine cannot honour
         print(f"worker: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -30,7 +31,7 @@ from typing import Any
 
 from foreman.protocol import CALL_ONE, CALL_STAR
 from foreman.serialization import ErrorEntry, dumps_results, error_entry, loads_items
-from worker import checkpoints
+from worker import checkpoints, polling
 from worker.limits import Limits, TaskGuard
 
 #: Functions kept unpickled per child; older ones are dropped and asked for again if needed.
@@ -71,16 +72,21 @@ def run_batch(fn: Any, call: str, items: list[Any], guard: TaskGuard, start: int
     return results, errors
 
 
-def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
-    """Serve batches, each task within the worker's ``limits``, until the parent closes the pipe or dies."""
+def child_main(conn: Connection, parent_pid: int, limits: Limits, poll: bool = False) -> None:
+    """Serve batches, each task within the worker's ``limits``, until the parent closes the pipe or dies.
+
+    With ``poll``, wait for the next batch as :mod:`worker.polling` says."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, which stops us itself
     limits.apply_memory_cap()
     guard = TaskGuard(limits)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     functions: OrderedDict[str, Any] = OrderedDict()
     requests = socket.socket(fileno=os.dup(conn.fileno()))  # the same socket, read with MSG_WAITALL
+    wait = _poller(requests) if poll else None
     while True:
         try:
+            if wait is not None:
+                wait()
             digest, fn_bytes, call, start, count, task_timeout, resume, parts = pickle.loads(_receive(requests))
             payload = [_receive(requests) for _ in range(parts)]
         except (EOFError, OSError):
@@ -104,6 +110,18 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits) -> None:
             results, errors = run_batch(fn, call, items, guard, start, conn, resume)
         summary = _summarise(errors, time.process_time() - cpu)
         conn.send_bytes(b"R" + _COUNT.pack(len(summary)) + summary + dumps_results(results, errors))
+
+
+def _poller(sock: socket.socket) -> Callable[[], object]:
+    """A wait until ``sock`` is readable (or closed) that polls first while the last waits were short."""
+    watch = select.poll()
+    watch.register(sock, select.POLLIN)
+    cadence = polling.Cadence()
+
+    def block(timeout: float | None) -> list[tuple[int, int]]:
+        return watch.poll(None if timeout is None else timeout * 1000)
+
+    return lambda: cadence.wait(lambda: watch.poll(0), block)
 
 
 def _receive(sock: socket.socket) -> bytes:

@@ -16,6 +16,7 @@ import collections
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -29,7 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from foreman.protocol import STATUS_CRASHED, STATUS_OK
-from worker import checkpoints
+from worker import checkpoints, polling
 from worker.child import child_main
 from worker.limits import Limits
 
@@ -87,11 +88,12 @@ class Executor:
     :param start_method: multiprocessing start method; ``spawn`` (the default) behaves alike on every platform.
     :param limits: the volunteer's caps on each task's memory and run time.
     :param on_checkpoint: called with (item, task index, pickled state) when a task saves one.
+    :param poll: task processes poll for their next batch (see :mod:`worker.polling`).
     """
 
     def __init__(self, concurrency: int, on_outcome: Callable[[Outcome], None],
                  loop: asyncio.AbstractEventLoop, start_method: str = "spawn", limits: Limits = Limits(),
-                 on_checkpoint: Callable[[WorkItem, int, bytes], None] | None = None) -> None:
+                 on_checkpoint: Callable[[WorkItem, int, bytes], None] | None = None, poll: bool = False) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self.concurrency = concurrency
@@ -104,6 +106,7 @@ class Executor:
         self.running: dict[tuple[int, int, int], tuple[WorkItem, _Slot]] = {}
         self._slots = [_Slot(self, i) for i in range(concurrency)]
         self._closed = False
+        self.poll = poll
 
     def start(self) -> None:
         """Start the task processes now, so that the first batch does not wait for one."""
@@ -140,6 +143,13 @@ class Executor:
     @property
     def busy(self) -> int:
         return len(self.running)
+
+    def may_reply_soon(self) -> bool:
+        """Whether a message is likely within :data:`polling.WINDOW`: a slot runs a batch expected to end that
+        soon (its previous batch did), or ended one that recently (the foreman may send the next at once)."""
+        recent = time.monotonic() - polling.WINDOW
+        return any(slot.last_elapsed < polling.WINDOW if slot.item is not None else slot.last_ended > recent
+                   for slot in self._slots)
 
     def task_pids(self) -> list[int]:
         """Process ids of the task processes running a batch now."""
@@ -196,6 +206,8 @@ class _Slot:
         self._timer: asyncio.TimerHandle | None = None
         self._overrun = ""  # set when the backstop killed the process: the batch's error
         self._reaping = False  # killed, waiting for the process to be reaped before its batch ends
+        self.last_elapsed = math.inf  # how long the slot's previous batch took
+        self.last_ended = -math.inf  # when (time.monotonic()) it ended
 
     def spawn(self) -> None:
         executor = self.executor
@@ -209,7 +221,8 @@ class _Slot:
             parent.close()
             conn.close()
             raise
-        process = executor._context.Process(target=child_main, args=(conn, os.getpid(), executor.limits),
+        process = executor._context.Process(target=child_main,
+                                            args=(conn, os.getpid(), executor.limits, executor.poll),
                                             daemon=True, name=f"crowdcompute-task-{self.index}")
         try:
             process.start()
@@ -320,6 +333,7 @@ class _Slot:
             self._timer.cancel()
             self._timer = None
         self.item, self._overrun = None, ""
+        self.last_elapsed, self.last_ended = outcome.elapsed, time.monotonic()
         self.executor._finished(outcome)
 
 

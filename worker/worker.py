@@ -69,6 +69,8 @@ class Worker:
 
     def __init__(self, config: WorkerConfig, sampler: Sampler | None = None) -> None:
         self.config = config
+        #: A foreman's own local worker polls while its messages come fast (see :mod:`worker.polling`).
+        self.polls = local_link.is_local(config.foreman_url)
         self.paused_reason: str | None = None  # why the owner's rules paused the worker; None while it works
         self._sampler = sampler
         self._grace: asyncio.Task[None] | None = None  # lets running tasks finish after a pause, then hands back
@@ -119,7 +121,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self.executor = Executor(self.config.max_concurrent_tasks, self._on_outcome, loop,
-                                 self.config.start_method, self.config.limits, self._on_checkpoint)
+                                 self.config.start_method, self.config.limits, self._on_checkpoint, self.polls)
         watchers = pause.start(self, self._sampler)  # first: a preference this machine cannot honour raises
         self.executor.start()
         self._install_signal_handlers(loop)
@@ -137,6 +139,10 @@ class Worker:
             self.executor.close()
         if self._reexec:
             reexec(self.config.worker_id)
+
+    def may_poll(self) -> bool:
+        """For :class:`worker.polling.PollingSelector`: not while every task process runs a long batch."""
+        return self.executor is None or self.executor.may_reply_soon()
 
     def stop(self, reason: str = "worker stopping") -> None:
         """Leave now: running tasks are abandoned and go back to the foreman."""
