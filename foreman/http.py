@@ -30,6 +30,7 @@ from prometheus_client.core import (
 )
 
 import dashboard
+from dashboard.serving import QuietServer
 from foreman import views
 from foreman.addresses import is_loopback
 from foreman.auth import ADMIN, CLIENT
@@ -212,7 +213,7 @@ class HttpServer:
         config = uvicorn.Config(create_app(server), log_level="warning", lifespan="off", access_log=False,
                                 ws_max_size=1 << 20,
                                 ssl_context_factory=(lambda *_: ssl_context) if ssl_context else None)
-        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn = QuietServer(config)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -224,7 +225,7 @@ class HttpServer:
         self._task = asyncio.create_task(self._uvicorn.serve(sockets=[self.socket]))
 
     async def close(self) -> None:
-        self._uvicorn.should_exit = True
+        self._uvicorn.stop()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, 5)

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 
 import dashboard
+from dashboard.serving import QuietServer
 from worker import metrics, stats
 from worker.access import Access
 from foreman.addresses import is_loopback
@@ -89,7 +90,7 @@ class Dashboard:
     async def close(self) -> None:
         if self._server is None or self._serving is None:
             return
-        self._server.should_exit = True
+        self._server.stop()
         try:
             await asyncio.wait_for(self._serving, 5)
         except (TimeoutError, asyncio.CancelledError):
@@ -97,7 +98,7 @@ class Dashboard:
         await asyncio.to_thread(self.sampler.close)
 
 
-class _Server(uvicorn.Server):
+class _Server(QuietServer):
     """uvicorn without its signal handlers: SIGTERM and Ctrl-C stay the worker's, which drains first."""
 
     @contextlib.contextmanager
