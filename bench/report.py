@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from backends import LABELS
+from load import DISTURBED_CORES
 
 Records = list[dict[str, Any]]
 
@@ -200,7 +201,7 @@ def markdown(records: Records, names: list[str], skipped: dict[str, str], facts:
     for name, why in skipped.items():
         out.append(f"\n{LABELS.get(name, name)} skipped: {why}")
     disturbed = sorted({f"{LABELS.get(r['backend'], r['backend'])} {r['workload']} ({r['foreign_cores']:.2f})"
-                        for r in records if (r.get("foreign_cores") or 0) >= 0.15})
+                        for r in records if (r.get("foreign_cores") or 0) >= DISTURBED_CORES})
     if disturbed:
         out.append("\nCaution: other work on the machine kept CPU busy (average cores; where a workload was rerun, "
                    "the least disturbed attempt is shown) during: " + ", ".join(disturbed))

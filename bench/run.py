@@ -34,7 +34,7 @@ sys.path.insert(1, str(BENCH_DIR.parent))
 
 import backends  # noqa: E402
 import report  # noqa: E402
-from load import ForeignLoad, Window  # noqa: E402
+from load import DISTURBED_CORES, ForeignLoad, Window  # noqa: E402
 import workloads  # noqa: E402
 
 
@@ -103,8 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG")
     parser.add_argument("--retries", type=int, default=None,
                         help="rerun a workload disturbed by other work up to this many times (default 2; 0 with --quick)")
-    parser.add_argument("--disturbed", type=float, default=0.15,
-                        help="cores of other work that count as disturbed (default 0.15)")
+    parser.add_argument("--disturbed", type=float, default=DISTURBED_CORES,
+                        help=f"cores of other work that count as disturbed (default {DISTURBED_CORES})")
     args = parser.parse_args(argv)
     args.only = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in args.only if w not in workloads.ALL]
