@@ -50,7 +50,7 @@ class Batcher:
     :param target_bytes: cap on pickled arguments per batch, so large arguments stream rather than pile up.
     """
 
-    def __init__(self, chunksize: int | None = None, target_seconds: float = 0.2, max_items: int = 10_000,
+    def __init__(self, chunksize: int | None = None, target_seconds: float = 0.5, max_items: int = 10_000,
                  target_bytes: int = 4 * 1024 * 1024) -> None:
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1")
