@@ -190,7 +190,7 @@ def _f(x: float | None, spec: str) -> str:
 
 
 def markdown(records: Records, names: list[str], skipped: dict[str, str], facts: dict[str, Any],
-             quick: bool) -> str:
+             quick: bool, disturbed: float = DISTURBED_CORES) -> str:
     out = [f"## Results{' (--quick: small sizes, not comparable)' if quick else ''}", "",
            f"{facts['nproc']} CPUs ({facts['cpu_model']}), {facts.get('memory_gib')} GiB, Python {facts['python']}, "
            f"{facts['date']}, commit {facts.get('commit', '?')}{' + uncommitted foreman/worker changes' if facts.get('dirty') else ''}, "
@@ -201,7 +201,7 @@ def markdown(records: Records, names: list[str], skipped: dict[str, str], facts:
     for name, why in skipped.items():
         out.append(f"\n{LABELS.get(name, name)} skipped: {why}")
     disturbed = sorted({f"{LABELS.get(r['backend'], r['backend'])} {r['workload']} ({r['foreign_cores']:.2f})"
-                        for r in records if (r.get("foreign_cores") or 0) >= DISTURBED_CORES})
+                        for r in records if (r.get("foreign_cores") or 0) >= disturbed})
     if disturbed:
         out.append("\nCaution: other work on the machine kept CPU busy (average cores; where a workload was rerun, "
                    "the least disturbed attempt is shown) during: " + ", ".join(disturbed))

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         for rec in runner.records:
             f.write(json.dumps({**common, **rec}) + "\n")
 
-    text = report.markdown(runner.records, args.backends, runner.skipped, facts, args.quick)
+    text = report.markdown(runner.records, args.backends, runner.skipped, facts, args.quick, args.disturbed)
     (args.out / "table.md").write_text(text)
     print(text, flush=True)
     if not args.no_chart:

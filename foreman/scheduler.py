@@ -583,8 +583,9 @@ class Scheduler:
         """The free workers for one dispatch pass, least loaded first, each once. Loads are few (batches held
         per slot), so only they are sorted; a bucket is listed when the pass reaches it, and the pass stops
         when the queues are empty, so the fleet's size does not enter a pass that assigns a few batches.
-        Idle workers come the most recently filed first: the one that just finished a batch is the likeliest to
-        be awake (a local worker polls for a while, see :mod:`worker.polling`), which shortens a round trip."""
+        Idle workers come the most recently filed first, which is usually the one that just finished a batch:
+        the likeliest to be awake (a local worker polls for a moment after a short batch, see
+        :mod:`worker.polling`), which shortens a round trip. Calls one after the other then stay on one worker."""
         visited: set[str] = set()  # a worker given a batch moves to a fuller bucket: not visited twice
         for load in sorted(self._by_load):
             bucket = self._by_load.get(load, {})

@@ -73,17 +73,21 @@ def test_idle_workers_are_served_before_busy_ones_the_last_filed_first() -> None
 
 def test_the_worker_that_finished_last_gets_the_next_batch() -> None:
     """Of idle workers, the one that finished most recently is served first: its processes are the likeliest to
-    be awake (a local worker polls for a while after each batch, see worker.polling)."""
+    be awake (a local worker polls for a moment after a short batch, see worker.polling)."""
     clock = FakeClock(100.0)
     s = Scheduler(clock, prefetch=0, speculation=None)
     job = s.add_job(ENV)
     for name in ("a", "b"):
         s.add_worker(name, 1, ENV)
-    for i in range(4):
+    first, second = add(s, job.id, 0), add(s, job.id, 1)
+    assert {a.worker_id: a.batch for a in s.dispatch()} == {"b": first, "a": second}
+    done(s, "b", first)
+    done(s, "a", second)  # a, filed first, finished last
+    for i in range(2, 6):
         batch = add(s, job.id, i)
         (assignment,) = s.dispatch()
-        assert assignment.worker_id == "b"  # b ran every call, one after the other, and a stayed idle
-        done(s, "b", batch)
+        assert assignment.worker_id == "a"  # a runs every call, one after the other, and b stays idle
+        done(s, "a", batch)
     _check_indexes(s)
 
 

@@ -145,8 +145,9 @@ class Executor:
         return len(self.running)
 
     def may_reply_soon(self) -> bool:
-        """Whether a message is likely within :data:`polling.WINDOW`: a slot runs a batch expected to end that
-        soon (its previous batch did), or ended one that recently (the foreman may send the next at once)."""
+        """Whether polling may pay (see :mod:`worker.polling`): a slot runs a batch expected to end within
+        :data:`polling.WINDOW` (its previous batch did), or ended one that recently (the foreman may send the next
+        at once). Not while every slot runs a longer batch, nor once the slots have been idle for longer."""
         recent = time.monotonic() - polling.WINDOW
         return any(slot.last_elapsed < polling.WINDOW if slot.item is not None else slot.last_ended > recent
                    for slot in self._slots)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import selectors
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -27,18 +28,19 @@ T = TypeVar("T")
 
 
 class Cadence:
-    """Whether the last wait ended within :data:`WINDOW`: then the next one polls first."""
+    """Whether the last wait ended within ``window`` seconds: then the next one polls first, for up to that long."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: float = WINDOW) -> None:
+        self.window = window
         self.short = False
 
     def wait(self, ready: Callable[[], T], block: Callable[[float | None], T], timeout: float | None = None,
              may_poll: bool = True) -> T:
         """``ready()`` (a check that does not block) until it returns something true or the window passes, then
         ``block(timeout left)``, which returns something false on a timeout."""
-        started = time.monotonic()
+        started, window = time.monotonic(), self.window
         if self.short and may_poll:
-            end = started + (WINDOW if timeout is None else min(WINDOW, timeout))
+            end = started + (window if timeout is None else min(window, timeout))
             while True:
                 got = ready()
                 if got:
@@ -51,8 +53,8 @@ class Cadence:
                 timeout = max(0.0, timeout - (now - started))
         got = block(timeout)
         waited = time.monotonic() - started
-        if got or waited >= WINDOW:  # a timeout shorter than the window says nothing about the cadence
-            self.short = bool(got) and waited < WINDOW
+        if got or waited >= window:  # a timeout shorter than the window says nothing about the cadence
+            self.short = bool(got) and waited < window
         return got
 
 
@@ -73,7 +75,10 @@ class PollingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-typ
 
 def run(main: Coroutine[Any, Any, T], selector: selectors.BaseSelector) -> T:
     """``asyncio.run(main)`` on an event loop that uses ``selector``."""
-    loop = asyncio.SelectorEventLoop(selector)
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+            return runner.run(main)
+    loop = asyncio.SelectorEventLoop(selector)  # Python 3.10: what asyncio.run does there
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(main)
@@ -82,7 +87,8 @@ def run(main: Coroutine[Any, Any, T], selector: selectors.BaseSelector) -> T:
             left = asyncio.all_tasks(loop)
             for task in left:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:

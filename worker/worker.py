@@ -141,7 +141,8 @@ class Worker:
             reexec(self.config.worker_id)
 
     def may_poll(self) -> bool:
-        """For :class:`worker.polling.PollingSelector`: not while every task process runs a long batch."""
+        """For :class:`worker.polling.PollingSelector`: only around short batches (:meth:`Executor.may_reply_soon`);
+        when the loop waits for the foreman's next batch after a longer one, it sleeps as before."""
         return self.executor is None or self.executor.may_reply_soon()
 
     def stop(self, reason: str = "worker stopping") -> None:
