@@ -57,9 +57,9 @@ class Sizes:
         if not quick:
             return cls(quick=False)
         return cls(quick=True, startup_repeats=1, trivial_scale=0.1, trivial_repeats=1, roundtrip_calls=50,
-                   roundtrip_warmup=5, cpu_tasks=20, payload_tasks=20, payload_warmup=2, imap_lengths=(100_000, 1_000_000),
-                   scaling_tiny=20_000, scaling_cpu_tasks=16, fleet_tiny_tasks=2_000, fleet_cpu_tasks=30,
-                   workload_timeout=150.0)
+                   roundtrip_warmup=5, cpu_tasks=20, payload_tasks=20, payload_warmup=2,
+                   imap_lengths=(100_000, 1_000_000), scaling_tiny=20_000, scaling_cpu_tasks=16,
+                   fleet_tiny_tasks=2_000, fleet_cpu_tasks=30, workload_timeout=150.0)
 
 
 def record(workload: str, metric: str, value: float | None, unit: str, backend: str = "crowdcompute",
