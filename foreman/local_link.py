@@ -8,7 +8,9 @@ the foreman and the worker use (``send``, ``recv``, ``async for``, ``close`` wit
 ``close_code``, ``transport``), so both serve either kind of connection with the same code.
 
 Reads land in a 64 KiB buffer kept for the connection, from which each message is copied out as ``bytes``; a
-message too large for it is read straight into a ``bytearray`` of its own, which ``recv`` returns as it is.
+message too large for it is read straight into a ``bytearray`` of its own, which ``recv`` returns as it is. A
+message may be sent as the parts that make it (:func:`foreman.protocol.encode_parts`): the large ones, a batch's
+megabytes of arguments, go to the transport as they are instead of being joined into one copy first.
 
 Who may connect: the socket lives in a directory only its owner can enter (mode 0700), and a worker still
 presents its token in HELLO. The address a worker dials is ``unix:`` followed by the socket's path.
@@ -22,6 +24,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +36,8 @@ from websockets.exceptions import (
     ConnectionClosedOK,
 )
 from websockets.frames import Close
+
+from foreman.protocol import Parts
 
 log = logging.getLogger("crowdcompute.foreman")
 
@@ -49,6 +54,9 @@ _OK_CODES = frozenset({1000, 1001})
 #: Bytes read at a time. Reads go into one buffer kept for the connection: asyncio's default of allocating
 #: 256 KiB per read costs more than the read itself for small messages (glibc grows and trims its heap).
 _CHUNK = 64 * 1024
+#: Send buffer asked for on each end (the system caps it: Linux at net.core.wmem_max). Argument batches are cut at
+#: 4 MiB, so with this much a batch goes to the kernel in one call instead of one per ~200 KiB the worker reads.
+_SEND_BUFFER = 4 * 1024 * 1024
 
 
 class LocalConnection(asyncio.BufferedProtocol):
@@ -80,6 +88,10 @@ class LocalConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         if self._opened is not None:
             self._opened(self)
 
@@ -194,24 +206,32 @@ class LocalConnection(asyncio.BufferedProtocol):
         if self.close_code not in _OK_CODES:
             raise self._closed_error()
 
-    async def send(self, data: bytes | memoryview) -> None:
-        """Send one message, waiting while the transport is over its high-water mark."""
+    async def send(self, data: bytes | memoryview | Parts) -> None:
+        """Send one message (or the parts that make it), waiting while the transport is over its high-water mark."""
         while self._drained is not None and self.close_code is None:
             await self._drained
         if not self.write_now(data):
             raise self._closed_error()
 
-    def write_now(self, data: bytes | memoryview) -> bool:
-        """Write one message to the transport now (buffered if need be); False once the link is closing."""
-        if len(data) > self.max_size:
-            raise ValueError(f"message of {len(data)} bytes is over the {self.max_size}-byte limit")
+    def write_now(self, data: bytes | memoryview | Parts) -> bool:
+        """Write one message (or the parts that make it, see :func:`foreman.protocol.encode_parts`) to the
+        transport now, buffered if need be; False once the link is closing."""
+        parts = data if type(data) is tuple else (data,)
+        size = sum(map(len, parts))
+        if size > self.max_size:
+            raise ValueError(f"message of {size} bytes is over the {self.max_size}-byte limit")
         if self.close_code is not None or self.transport.is_closing():
             return False
-        if len(data) <= _CHUNK:  # one write, so one send: copying a small message is cheaper than a system call
-            self.transport.write(_LENGTH.pack(len(data)) + data)
-        else:
-            self.transport.write(_LENGTH.pack(len(data)))
-            self.transport.write(data)
+        small = [_LENGTH.pack(size)]  # small parts are joined: copying them is cheaper than a system call each
+        for part in parts:
+            if len(part) <= _CHUNK:
+                small.append(part)
+                continue
+            self.transport.write(b"".join(small))
+            small.clear()
+            self.transport.write(memoryview(part))  # what the socket does not take at once is copied, not sliced
+        if small:
+            self.transport.write(b"".join(small))
         return True
 
     def writable_now(self) -> bool:

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from foreman.local_link import LocalConnection
+from foreman.protocol import Parts
 
 
 class Outbound:
@@ -26,12 +27,16 @@ class Outbound:
     def __init__(self, ws: Connection | LocalConnection) -> None:
         self.ws = ws
         self.sent = 0  # bytes handed to the connection
-        self._queue: collections.deque[bytes] = collections.deque()
+        self._queue: collections.deque[bytes | Parts] = collections.deque()
         self._wake = asyncio.Event()
-        self._holding: bytes | None = None  # taken from the queue by run() and not yet sent
+        self._holding: bytes | Parts | None = None  # taken from the queue by run() and not yet sent
+        self._joins = not isinstance(ws, LocalConnection)  # a WebSocket message is one frame
 
-    def send(self, data: bytes) -> None:
-        """Send ``data`` after everything sent before it, now if the connection can take it at once."""
+    def send(self, data: bytes | Parts) -> None:
+        """Send ``data`` (a message, or the parts that make it) after everything sent before it, now if the
+        connection can take it at once."""
+        if self._joins and type(data) is tuple:
+            data = b"".join(data)
         if not self._queue and self._holding is None and self._write_now(data):
             return
         self._queue.append(data)
@@ -49,16 +54,16 @@ class Outbound:
             except ConnectionClosed:
                 return  # what it held stays in unsent()
             self._holding = None
-            self.sent += len(data)
+            self.sent += _size(data)
 
-    def unsent(self) -> list[bytes]:
+    def unsent(self) -> list[bytes | Parts]:
         """Messages not handed to the connection, oldest first; the queue is left empty."""
         out = ([self._holding] if self._holding is not None else []) + list(self._queue)
         self._holding = None
         self._queue.clear()
         return out
 
-    def _write_now(self, data: bytes) -> bool:
+    def _write_now(self, data: bytes | Parts) -> bool:
         ws = self.ws
         if isinstance(ws, LocalConnection):
             if not (ws.writable_now() and ws.write_now(data)):
@@ -70,5 +75,9 @@ class Outbound:
             # What ws.send does for one binary message, without the coroutine: frame it, write it to the transport.
             ws.protocol.send_binary(data)
             ws.send_data()
-        self.sent += len(data)
+        self.sent += _size(data)
         return True
+
+
+def _size(data: bytes | Parts) -> int:
+    return sum(map(len, data)) if type(data) is tuple else len(data)

@@ -158,13 +158,23 @@ _JSON_DECODER = json.JSONDecoder()
 FATAL_CLOSE_CODES = frozenset({CloseCode.AUTH_FAILED, CloseCode.VERSION_MISMATCH})
 
 
+#: One message as the parts that, joined, make it (see :func:`encode_parts`).
+Parts = tuple[bytes | memoryview, ...]
+
+
 def encode(kind: Kind, header: dict[str, Any] | None = None, *payload: bytes | memoryview) -> bytes:
     """Frame one message whose payload is ``payload``'s parts, joined. Raises ProtocolError if the header is too
     large."""
+    return b"".join(encode_parts(kind, header, *payload))
+
+
+def encode_parts(kind: Kind, header: dict[str, Any] | None = None, *payload: bytes | memoryview) -> Parts:
+    """The message :func:`encode` would make, as its kind and header, then ``payload``'s parts as they are: a
+    link that writes the parts one by one sends megabytes of arguments without copying them."""
     raw = _JSON_ENCODER.encode(header or {}).encode()
     if len(raw) > MAX_HEADER_SIZE:
         raise ProtocolError(f"{kind.name} header is {len(raw)} bytes, over the {MAX_HEADER_SIZE}-byte limit")
-    return b"".join((_PREFIX.pack(kind, len(raw)), raw, *payload))
+    return (_PREFIX.pack(kind, len(raw)) + raw, *payload)
 
 
 def payload_parts(msg: Message) -> list[memoryview]:

@@ -99,7 +99,7 @@ class Peer:
     def __post_init__(self) -> None:
         self.outbound = Outbound(self.ws)
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | protocol.Parts) -> None:
         self.outbound.send(data)
 
 
@@ -704,7 +704,7 @@ class ForemanServer:
         payload = batch.payload
         if payload.buffers:
             header["buffers"] = [len(buffer) for buffer in payload.buffers]
-        peer.send(protocol.encode(Kind.TASKS, header, payload.data, *payload.buffers))
+        peer.send(protocol.encode_parts(Kind.TASKS, header, payload.data, *payload.buffers))
 
     # -- clock -----------------------------------------------------------------------------------------------
 

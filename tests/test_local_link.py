@@ -183,6 +183,42 @@ def test_a_message_over_the_limit_closes_the_link_with_1009() -> None:
     asyncio.run(main())
 
 
+def test_a_message_sent_as_parts_arrives_as_one_in_order_with_the_rest() -> None:
+    """encode_parts' messages: small parts joined, large ones written as they are, all framed as one message."""
+    rng = random.Random(7)
+    big = [rng.randbytes(size) for size in (70_000, 1 << 20, 3 << 20)]
+
+    async def main() -> None:
+        received: list[bytes] = []
+        done = asyncio.Event()
+
+        async def collect(conn: LocalConnection) -> None:
+            async for message in conn:
+                received.append(bytes(message))
+                if len(received) == 4:
+                    done.set()
+
+        server, conn = await _pair(collect, max_size=8 << 20)
+        outbound = Outbound(conn)
+        writer = asyncio.create_task(outbound.run())
+        parts = protocol.encode_parts(Kind.TASKS, {"job": 1, "buffers": [len(b) for b in big]}, b"pickle", *big)
+        outbound.send(b"before")
+        outbound.send(parts)
+        outbound.send(parts)  # while the first is still in the transport: queued whole, behind it
+        outbound.send(b"after")
+        await asyncio.wait_for(done.wait(), 30)
+        whole = protocol.encode(Kind.TASKS, {"job": 1, "buffers": [len(b) for b in big]}, b"pickle", *big)
+        assert received == [b"before", whole, whole, b"after"]
+        assert outbound.sent == 2 * len(whole) + len(b"before") + len(b"after")
+        with pytest.raises(ValueError, match="over the"):
+            conn.write_now((b"x" * 100, os.urandom(8 << 20)))
+        writer.cancel()
+        await conn.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
 def test_outbound_queues_behind_a_full_transport_and_keeps_order() -> None:
     async def main() -> None:
         received: list[bytes] = []

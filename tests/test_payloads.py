@@ -50,6 +50,16 @@ def test_tasks_get_large_arguments_as_bytes_and_bytearray(fm: Foreman) -> None:
         ("bytes", 3 * BIG, 1), ("bytearray", BIG, 2)]
 
 
+def test_a_worker_over_websocket_gets_large_arguments_too(spawn_worker) -> None:
+    """Over the local link a batch's buffers are written as they are; a WebSocket message is one frame, joined."""
+    big = bytes(range(256)) * (4 * BIG // 256)
+    with Foreman(port=0, local_workers=0, dashboard=False) as fm:
+        spawn_worker(fm.address, "--no-dashboard")
+        fm.wait_for_workers(1, timeout=30)
+        assert fm.map(describe_buffers, [big, b"\x05", big]) == [[("bytes", 4 * BIG, 0)], [("bytes", 1, 5)],
+                                                                 [("bytes", 4 * BIG, 0)]]
+
+
 def test_one_object_passed_twice_arrives_as_one_object(fm: Foreman) -> None:
     big = b"s" * BIG
     assert fm.submit(same_object, big, big).result(timeout=60) is True
