@@ -143,3 +143,16 @@ def describe_buffers(*args: object, **kwargs: object) -> list[tuple[str, int, in
 
 def same_object(a: object, b: object) -> bool:
     return a is b
+
+
+def large_block_faults() -> int:
+    """Page faults of this process while it takes and frees three 4 MiB blocks, ten times over."""
+    import resource
+
+    blocks = [bytearray(4 << 20) for _ in range(3)]
+    del blocks
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        blocks = [bytearray(4 << 20) for _ in range(3)]
+        del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before

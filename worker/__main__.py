@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from foreman.tls import parse_fingerprint
-from worker import polling
+from worker import malloc, polling
 from worker.config import WorkerConfig, default_worker_id
 from worker.limits import parse_size
 from worker.prefs import Prefs
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2
+    malloc.reuse_large_blocks()
     try:
         worker = Worker(config)
         if worker.polls:

@@ -31,7 +31,7 @@ from typing import Any
 
 from foreman.protocol import CALL_ONE, CALL_STAR
 from foreman.serialization import ErrorEntry, dumps_results, error_entry, loads_items
-from worker import checkpoints, polling
+from worker import checkpoints, malloc, polling
 from worker.limits import Limits, TaskGuard
 
 #: Functions kept unpickled per child; older ones are dropped and asked for again if needed.
@@ -77,6 +77,8 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits, poll: bool = F
 
     With ``poll``, wait for the next batch as :mod:`worker.polling` says."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, which stops us itself
+    if limits.max_memory is None:  # under a cap, freed memory is handed back rather than kept for the next batch
+        malloc.reuse_large_blocks()
     limits.apply_memory_cap()
     guard = TaskGuard(limits)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
