@@ -35,13 +35,16 @@ class Sizes:
     startup_repeats: int = 3
     trivial_scale: float = 1.0  # times each backend's trivial_n
     trivial_repeats: int = 3  # for backends whose one run is short
-    roundtrip_calls: int = 300
+    roundtrip_calls: int = 300  # per round
     roundtrip_warmup: int = 20
     cpu_tasks: int = 200
     cpu_seconds: float = 0.020
     payload_tasks: int = 200
     payload_bytes: int = 1 * MB
     payload_warmup: int = 20  # untimed tasks first: a process's first megabytes pay for growing its memory
+    #: Round-trip rounds, CPU jobs and payload jobs measured per backend; the figure is their median (round
+    #: trips: of every call), so one unlucky second of a shared host does not decide it.
+    repeats: int = 3
     imap_lengths: tuple[int, ...] = (1_000_000, 10_000_000)
     scaling_workers: tuple[int, ...] = (1, 2, 4, 8)
     scaling_tiny: int = 200_000
@@ -57,7 +60,7 @@ class Sizes:
         if not quick:
             return cls(quick=False)
         return cls(quick=True, startup_repeats=1, trivial_scale=0.1, trivial_repeats=1, roundtrip_calls=50,
-                   roundtrip_warmup=5, cpu_tasks=20, payload_tasks=20, payload_warmup=2,
+                   roundtrip_warmup=5, cpu_tasks=20, payload_tasks=20, payload_warmup=2, repeats=1,
                    imap_lengths=(100_000, 1_000_000), scaling_tiny=20_000, scaling_cpu_tasks=16,
                    fleet_tiny_tasks=2_000, fleet_cpu_tasks=30, workload_timeout=150.0)
 
@@ -102,41 +105,55 @@ def trivial(backend: Backend, sizes: Sizes) -> list[dict[str, Any]]:
 
 
 def roundtrip(backend: Backend, sizes: Sizes) -> list[dict[str, Any]]:
-    """Latency of one task: submit ``inc(1)`` and wait for its result, in a loop."""
+    """Latency of one task: submit ``inc(1)`` and wait for its result, in a loop (``repeats`` rounds of
+    ``roundtrip_calls``, half a second apart); the median and p99 are of every call."""
     for _ in range(sizes.roundtrip_warmup):
         backend.roundtrip(tasks.inc, 1)
-    latencies = []
-    for i in range(sizes.roundtrip_calls):
-        t0 = time.perf_counter()
-        result = backend.roundtrip(tasks.inc, i)
-        latencies.append(time.perf_counter() - t0)
-        if result != i + 1:
-            raise RuntimeError(f"{backend.name}: inc({i}) returned {result!r}")
+    latencies: list[float] = []
+    rounds = []
+    for round_ in range(sizes.repeats):
+        if round_:
+            time.sleep(0.5)
+        these = []
+        for i in range(sizes.roundtrip_calls):
+            t0 = time.perf_counter()
+            result = backend.roundtrip(tasks.inc, i)
+            these.append(time.perf_counter() - t0)
+            if result != i + 1:
+                raise RuntimeError(f"{backend.name}: inc({i}) returned {result!r}")
+        rounds.append(1000 * statistics.median(these))
+        latencies.extend(these)
     latencies.sort()
     ms = [x * 1000 for x in latencies]
     n = len(ms)
-    return [record("roundtrip", "median_ms", statistics.median(ms), "ms", backend.name, n=n),
+    return [record("roundtrip", "median_ms", statistics.median(ms), "ms", backend.name, n=n, round_medians=rounds),
             record("roundtrip", "p99_ms", percentile(ms, 99), "ms", backend.name, n=n),
             record("roundtrip", "max_ms", ms[-1], "ms", backend.name, n=n)]
 
 
 def cpu(backend: Backend, sizes: Sizes) -> list[dict[str, Any]]:
-    """Parallel efficiency of CPU-bound tasks: (tasks x CPU seconds each / workers) / measured time.
+    """Parallel efficiency of CPU-bound tasks: (tasks x CPU seconds each / workers) / measured time, the median
+    of ``repeats`` jobs.
 
     Also reports the CPU the system itself used meanwhile (this process and all its descendants, less the
     tasks' own CPU): on a machine with as many cores as workers, every such CPU second is taken from the tasks.
     """
     items = [sizes.cpu_seconds] * sizes.cpu_tasks
-    cpu0 = tree_cpu()
-    t0 = time.perf_counter()
-    used = backend.map(tasks.busy, items)
-    elapsed = time.perf_counter() - t0
-    overhead = tree_cpu() - cpu0 - sum(used)
-    ideal = sum(used) / backend.n_workers
-    return [record("cpu", "efficiency_pct", 100 * ideal / elapsed, "%", backend.name, n=sizes.cpu_tasks,
-                   seconds=elapsed, ideal_seconds=ideal, task_seconds=sizes.cpu_seconds),
-            record("cpu", "overhead_cpu_ms_per_task", 1000 * overhead / len(used), "ms", backend.name,
-                   n=sizes.cpu_tasks, overhead_cpu_s=overhead)]
+    jobs = []
+    for _ in range(sizes.repeats):
+        cpu0 = tree_cpu()
+        t0 = time.perf_counter()
+        used = backend.map(tasks.busy, items)
+        elapsed = time.perf_counter() - t0
+        overhead = tree_cpu() - cpu0 - sum(used)
+        ideal = sum(used) / backend.n_workers
+        jobs.append((100 * ideal / elapsed, elapsed, ideal, 1000 * overhead / len(used)))
+    efficiency, elapsed, ideal, overhead_ms = sorted(jobs)[len(jobs) // 2]  # the median job, whole
+    return [record("cpu", "efficiency_pct", efficiency, "%", backend.name, n=sizes.cpu_tasks,
+                   seconds=elapsed, ideal_seconds=ideal, task_seconds=sizes.cpu_seconds,
+                   samples=[job[0] for job in jobs]),
+            record("cpu", "overhead_cpu_ms_per_task", overhead_ms, "ms", backend.name, n=sizes.cpu_tasks,
+                   samples=[job[3] for job in jobs])]
 
 
 def tree_cpu() -> float:
@@ -157,20 +174,22 @@ def tree_cpu() -> float:
 
 
 def payload(backend: Backend, sizes: Sizes) -> list[dict[str, Any]]:
-    """Bandwidth for large arguments: N distinct 1 MB ``bytes`` objects, each task returns ``len``. An untimed job
-    of a few such tasks comes first, as the round trips' warm-up: every backend's processes grow their memory for
-    messages this large once."""
+    """Bandwidth for large arguments: N distinct 1 MB ``bytes`` objects, each task returns ``len``; the median of
+    ``repeats`` jobs. An untimed job of a few such tasks comes first, as the round trips' warm-up: every backend's
+    processes grow their memory for messages this large once."""
     size = sizes.payload_bytes
     items = [bytes([i % 256]) * size for i in range(sizes.payload_tasks)]  # distinct objects: no pickle memo
     backend.map(tasks.payload_len, items[:sizes.payload_warmup])
-    t0 = time.perf_counter()
-    results = backend.map(tasks.payload_len, items)
-    elapsed = time.perf_counter() - t0
-    if results != [size] * len(items):
-        raise RuntimeError(f"{backend.name}: wrong results from map(len, payloads)")
-    del items
-    return [record("payload", "mb_per_s", len(results) * size / MB / elapsed, "MB/s", backend.name,
-                   n=len(results), seconds=elapsed, bytes_each=size)]
+    samples = []
+    for _ in range(sizes.repeats):
+        t0 = time.perf_counter()
+        results = backend.map(tasks.payload_len, items)
+        elapsed = time.perf_counter() - t0
+        if results != [size] * len(items):
+            raise RuntimeError(f"{backend.name}: wrong results from map(len, payloads)")
+        samples.append(len(items) * size / MB / elapsed)
+    return [record("payload", "mb_per_s", statistics.median(samples), "MB/s", backend.name, n=len(items),
+                   bytes_each=size, samples=samples)]
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
