@@ -37,7 +37,7 @@ from websockets.exceptions import (
 )
 from websockets.frames import Close
 
-from foreman.protocol import Parts
+from foreman.protocol import Parts, message_size
 
 log = logging.getLogger("crowdcompute.foreman")
 
@@ -54,8 +54,9 @@ _OK_CODES = frozenset({1000, 1001})
 #: Bytes read at a time. Reads go into one buffer kept for the connection: asyncio's default of allocating
 #: 256 KiB per read costs more than the read itself for small messages (glibc grows and trims its heap).
 _CHUNK = 64 * 1024
-#: Send buffer asked for on each end (the system caps it: Linux at net.core.wmem_max). Argument batches are cut at
-#: 4 MiB, so with this much a batch goes to the kernel in one call instead of one per ~200 KiB the worker reads.
+#: Send buffer asked for on each end. Argument batches are cut at 4 MiB, so with this much a batch's parts go to
+#: the kernel as they are written instead of ~200 KiB at a time as the worker reads. Linux caps it at
+#: net.core.wmem_max: 4 MiB on this project's machine, about 208 KiB on a stock kernel.
 _SEND_BUFFER = 4 * 1024 * 1024
 
 
@@ -217,19 +218,23 @@ class LocalConnection(asyncio.BufferedProtocol):
         """Write one message (or the parts that make it, see :func:`foreman.protocol.encode_parts`) to the
         transport now, buffered if need be; False once the link is closing."""
         parts = data if type(data) is tuple else (data,)
-        size = sum(map(len, parts))
-        if size > self.max_size:
-            raise ValueError(f"message of {size} bytes is over the {self.max_size}-byte limit")
+        length = message_size(parts)
+        if length > self.max_size:
+            raise ValueError(f"message of {length} bytes is over the {self.max_size}-byte limit")
         if self.close_code is not None or self.transport.is_closing():
             return False
-        small = [_LENGTH.pack(size)]  # small parts are joined: copying them is cheaper than a system call each
+        small = [_LENGTH.pack(length)]  # small parts are joined: copying them is cheaper than a system call each
         for part in parts:
             if len(part) <= _CHUNK:
                 small.append(part)
                 continue
             self.transport.write(b"".join(small))
             small.clear()
-            self.transport.write(memoryview(part))  # what the socket does not take at once is copied, not sliced
+            # A view: what the socket does not take at once is not sliced into a new bytes first (asyncio 3.11
+            # copies it into its buffer, 3.12 and later keep the view).
+            self.transport.write(memoryview(part))
+            if self.transport.is_closing():  # the write failed: the rest would only be counted as lost
+                return False
         if small:
             self.transport.write(b"".join(small))
         return True

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from foreman.local_link import LocalConnection
-from foreman.protocol import Parts
+from foreman.protocol import Parts, message_size
 
 
 class Outbound:
@@ -54,14 +54,14 @@ class Outbound:
             except ConnectionClosed:
                 return  # what it held stays in unsent()
             self._holding = None
-            self.sent += _size(data)
+            self.sent += message_size(data)
 
-    def unsent(self) -> list[bytes | Parts]:
-        """Messages not handed to the connection, oldest first; the queue is left empty."""
+    def unsent(self) -> list[bytes]:
+        """Messages not handed to the connection, oldest first (each joined); the queue is left empty."""
         out = ([self._holding] if self._holding is not None else []) + list(self._queue)
         self._holding = None
         self._queue.clear()
-        return out
+        return [b"".join(data) if type(data) is tuple else data for data in out]
 
     def _write_now(self, data: bytes | Parts) -> bool:
         ws = self.ws
@@ -75,9 +75,5 @@ class Outbound:
             # What ws.send does for one binary message, without the coroutine: frame it, write it to the transport.
             ws.protocol.send_binary(data)
             ws.send_data()
-        self.sent += _size(data)
+        self.sent += message_size(data)
         return True
-
-
-def _size(data: bytes | Parts) -> int:
-    return sum(map(len, data)) if type(data) is tuple else len(data)

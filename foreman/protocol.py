@@ -165,16 +165,26 @@ Parts = tuple[bytes | memoryview, ...]
 def encode(kind: Kind, header: dict[str, Any] | None = None, *payload: bytes | memoryview) -> bytes:
     """Frame one message whose payload is ``payload``'s parts, joined. Raises ProtocolError if the header is too
     large."""
-    return b"".join(encode_parts(kind, header, *payload))
+    return b"".join((_head(kind, header), *payload))
 
 
 def encode_parts(kind: Kind, header: dict[str, Any] | None = None, *payload: bytes | memoryview) -> Parts:
     """The message :func:`encode` would make, as its kind and header, then ``payload``'s parts as they are: a
-    link that writes the parts one by one sends megabytes of arguments without copying them."""
+    link that writes the parts one by one sends megabytes of arguments without copying them. The parts must not
+    change until the message is sent (``bytes`` cannot)."""
+    return (_head(kind, header), *payload)
+
+
+def message_size(data: bytes | memoryview | Parts) -> int:
+    """Bytes in a message, joined or as its parts."""
+    return sum(memoryview(part).nbytes for part in data) if type(data) is tuple else memoryview(data).nbytes
+
+
+def _head(kind: Kind, header: dict[str, Any] | None) -> bytes:
     raw = _JSON_ENCODER.encode(header or {}).encode()
     if len(raw) > MAX_HEADER_SIZE:
         raise ProtocolError(f"{kind.name} header is {len(raw)} bytes, over the {MAX_HEADER_SIZE}-byte limit")
-    return (_PREFIX.pack(kind, len(raw)) + raw, *payload)
+    return _PREFIX.pack(kind, len(raw)) + raw
 
 
 def payload_parts(msg: Message) -> list[memoryview]:

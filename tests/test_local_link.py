@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 import stat
 import subprocess
 import sys
@@ -199,12 +200,16 @@ def test_a_message_sent_as_parts_arrives_as_one_in_order_with_the_rest() -> None
                     done.set()
 
         server, conn = await _pair(collect, max_size=8 << 20)
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
         outbound = Outbound(conn)
         writer = asyncio.create_task(outbound.run())
         parts = protocol.encode_parts(Kind.TASKS, {"job": 1, "buffers": [len(b) for b in big]}, b"pickle", *big)
         outbound.send(b"before")
+        outbound.send(parts)  # more than the socket takes: the rest waits in the transport
+        outbound.send(parts)  # so this one waits in the queue, whole, for Outbound.run
+        assert outbound.unsent() == [protocol.encode(Kind.TASKS, {"job": 1, "buffers": [len(b) for b in big]},
+                                                     b"pickle", *big)]
         outbound.send(parts)
-        outbound.send(parts)  # while the first is still in the transport: queued whole, behind it
         outbound.send(b"after")
         await asyncio.wait_for(done.wait(), 30)
         whole = protocol.encode(Kind.TASKS, {"job": 1, "buffers": [len(b) for b in big]}, b"pickle", *big)
