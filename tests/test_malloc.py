@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import pytest
 from tasks import large_block_faults
 
 from foreman import Foreman
+from worker.malloc import is_glibc
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "confstr") or "CS_GNU_LIBC_VERSION" not in os.confstr_names,
-                                reason="not a glibc system")
+_THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+pytestmark = [
+    pytest.mark.skipif(not is_glibc(), reason="not a glibc system"),
+    pytest.mark.skipif(_THP.exists() and "[always]" in _THP.read_text(),
+                       reason="transparent huge pages always on: fresh memory takes few page faults anyway"),
+]
 
 
 def test_task_processes_reuse_large_blocks_unless_memory_is_capped(spawn_worker) -> None:

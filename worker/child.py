@@ -78,7 +78,7 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits, poll: bool = F
     With ``poll``, wait for the next batch as :mod:`worker.polling` says."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, which stops us itself
     if limits.max_memory is None:  # under a cap, freed memory is handed back rather than kept for the next batch
-        malloc.reuse_large_blocks()
+        malloc.reuse_large_blocks()  # (a process forked from the worker has the worker's setting either way)
     limits.apply_memory_cap()
     guard = TaskGuard(limits)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
