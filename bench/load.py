@@ -4,10 +4,8 @@ A watcher process (this file, run as ``python bench/load.py PID INTERVAL``) samp
 the CPU time the whole machine spent busy and the CPU time of process PID and all its descendants; the
 difference is CPU used by everything else ("foreign" load). It runs in its own process so that sampling never
 holds the benchmark process's GIL. A process of ours that ends between two samples loses its last partial
-interval, so foreign load errs a little high; one that starts counts as foreign until the next walk of the
-process tree (:data:`FAMILY_REFRESH`) finds it, and then as ours, its whole CPU time so far with it. A
-:class:`Window` reads the samples that bracket a stretch of time, so even a short workload gets a figure
-(averaged over at least one sampling interval).
+interval, so foreign load errs a little high. A :class:`Window` reads the samples that bracket a stretch of
+time, so even a short workload gets a figure (averaged over at least one sampling interval).
 """
 
 from __future__ import annotations
@@ -32,15 +30,12 @@ def _busy() -> float:
             + getattr(t, "steal", 0.0))
 
 
-def _family(root: psutil.Process) -> list[psutil.Process]:
-    try:
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return [root]
-
-
-def _cpu(processes: list[psutil.Process]) -> dict[int, float]:
+def _tree(root: psutil.Process) -> dict[int, float]:
     out = {}
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        processes = [root]
     for process in processes:
         try:
             times = process.cpu_times()
@@ -50,26 +45,16 @@ def _cpu(processes: list[psutil.Process]) -> dict[int, float]:
     return out
 
 
-#: Seconds between two walks of the process tree. A walk reads every process on the machine (about 1.7 ms
-#: here), and the watcher's own CPU is taken from the benchmark's: four walks a second cost 12 ms of CPU a
-#: second, half a point of a 2-core machine's parallel efficiency. A process found by the next walk brings
-#: its whole CPU time into that sample, so what it used before is counted as ours after all.
-FAMILY_REFRESH = 1.0
-
-
 def watch(pid: int, interval: float) -> None:
     """Print ``<monotonic time> <foreign CPU seconds so far>`` every interval until PID ends or stdin closes."""
     root = psutil.Process(pid)
-    family, walked = _family(root), time.monotonic()
-    busy, ours, total = _busy(), _cpu(family), 0.0
+    busy, ours, total = _busy(), _tree(root), 0.0
     print(f"{time.monotonic()} 0.0", flush=True)
     while root.is_running():
         time.sleep(interval)
-        if time.monotonic() - walked >= FAMILY_REFRESH:
-            family, walked = _family(root), time.monotonic()
-        now_busy, now_ours = _busy(), _cpu(family)
+        now_busy, now_ours = _busy(), _tree(root)
         mine = sum(v - ours.get(p, 0.0) for p, v in now_ours.items())
-        total += (now_busy - busy) - mine  # not clamped: a late-found process's past CPU evens out earlier samples
+        total += max(0.0, (now_busy - busy) - mine)
         busy, ours = now_busy, now_ours
         try:
             print(f"{time.monotonic()} {total}", flush=True)
@@ -78,7 +63,12 @@ def watch(pid: int, interval: float) -> None:
 
 
 class ForeignLoad:
-    def __init__(self, interval: float = 0.25) -> None:
+    #: Seconds between samples. Each sample walks every process on the machine to find the benchmark's (about
+    #: 1.7 ms here), and the watcher's CPU is taken from the benchmark's: every 0.25 s it cost 12 ms of CPU a
+    #: second, half a point of parallel efficiency on 2 cores, against 6 ms now.
+    INTERVAL = 0.5
+
+    def __init__(self, interval: float = INTERVAL) -> None:
         self.interval = interval
         self._lock = threading.Condition()
         self._times: list[float] = []  # monotonic time of each sample (system-wide clock on Linux)
@@ -120,7 +110,7 @@ class ForeignLoad:
             j = bisect.bisect_left(self._times, end)
             if i < 0 or j >= len(self._times) or j <= i:
                 return None
-            return max(0.0, (self._totals[j] - self._totals[i]) / (self._times[j] - self._times[i]))
+            return (self._totals[j] - self._totals[i]) / (self._times[j] - self._times[i])
 
 
 class Window:

@@ -106,14 +106,12 @@ def trivial(backend: Backend, sizes: Sizes) -> list[dict[str, Any]]:
 
 def roundtrip(backend: Backend, sizes: Sizes) -> list[dict[str, Any]]:
     """Latency of one task: submit ``inc(1)`` and wait for its result, in a loop (``repeats`` rounds of
-    ``roundtrip_calls``, half a second apart); the median and p99 are of every call."""
+    ``roundtrip_calls``); the median and p99 are of every call, and each round's median is recorded."""
     for _ in range(sizes.roundtrip_warmup):
         backend.roundtrip(tasks.inc, 1)
     latencies: list[float] = []
     rounds = []
-    for round_ in range(sizes.repeats):
-        if round_:
-            time.sleep(0.5)
+    for _ in range(sizes.repeats):
         these = []
         for i in range(sizes.roundtrip_calls):
             t0 = time.perf_counter()
@@ -135,7 +133,7 @@ def cpu(backend: Backend, sizes: Sizes) -> list[dict[str, Any]]:
     """Parallel efficiency of CPU-bound tasks: (tasks x CPU seconds each / workers) / measured time, the median
     of ``repeats`` jobs.
 
-    Also reports the CPU the system itself used meanwhile (this process and all its descendants, less the
+    Also reports the CPU the system itself used during that job (this process and all its descendants, less the
     tasks' own CPU): on a machine with as many cores as workers, every such CPU second is taken from the tasks.
     """
     items = [sizes.cpu_seconds] * sizes.cpu_tasks
