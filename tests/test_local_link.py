@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 
 import pytest
 from conftest import start_worker, stop_process, wait_until, worker_env
@@ -27,6 +28,20 @@ async def _pair(handler, max_size: int = 1 << 20) -> tuple[LocalServer, LocalCon
     server = LocalServer(handler, max_size)
     await server.start()
     return server, await local_link.connect(server.address, max_size)
+
+
+def _collector(expected: int) -> tuple[list[bytes], asyncio.Event, Callable[[LocalConnection], Awaitable[None]]]:
+    """A handler that keeps each message it receives, and the event it sets once it has ``expected`` of them."""
+    received: list[bytes] = []
+    done = asyncio.Event()
+
+    async def collect(conn: LocalConnection) -> None:
+        async for message in conn:
+            received.append(bytes(message))
+            if len(received) == expected:
+                done.set()
+
+    return received, done, collect
 
 
 def test_messages_arrive_whole_and_in_order_both_ways() -> None:
@@ -53,15 +68,7 @@ def test_a_burst_of_messages_across_read_boundaries_arrives_intact() -> None:
     messages = [rng.randbytes(size) for size in sizes]
 
     async def main() -> None:
-        received: list[bytes] = []
-        done = asyncio.Event()
-
-        async def collect(conn: LocalConnection) -> None:
-            async for message in conn:
-                received.append(bytes(message))
-                if len(received) == len(messages):
-                    done.set()
-
+        received, done, collect = _collector(len(messages))
         server, conn = await _pair(collect)
         for message in messages:
             conn.write_now(message)  # all at once: reads split and join them at every offset
@@ -190,15 +197,7 @@ def test_a_message_sent_as_parts_arrives_as_one_in_order_with_the_rest() -> None
     big = [rng.randbytes(size) for size in (70_000, 1 << 20, 3 << 20)]
 
     async def main() -> None:
-        received: list[bytes] = []
-        done = asyncio.Event()
-
-        async def collect(conn: LocalConnection) -> None:
-            async for message in conn:
-                received.append(bytes(message))
-                if len(received) == 4:
-                    done.set()
-
+        received, done, collect = _collector(4)
         server, conn = await _pair(collect, max_size=8 << 20)
         conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
         outbound = Outbound(conn)
