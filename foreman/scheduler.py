@@ -220,8 +220,7 @@ class Scheduler:
     :param heartbeat_timeout: a worker silent for this long is declared lost. Shorter detects a frozen machine
         sooner; too short declares slow links dead and reruns their work.
     :param prefetch: batches queued on a worker beyond its running slots, so it never waits for its next batch.
-        Each costs memory on the worker and work redone if the worker is lost. A worker known to be slow at a job
-        (see ``speculation``) gets none of that job's.
+        Each costs memory on the worker and work redone if the worker is lost.
     :param max_task_losses: a task in flight on this many workers that died in a row is failed as poison.
     :param speculation: when a job has no queued batch for an idle worker (its tail, or an ordered job held up
         by its oldest batch), a batch in flight for longer than this many times the job's typical time (and at
@@ -736,19 +735,12 @@ class Scheduler:
             self._reserved = worker.id
             return None
         for job in eligible:
-            if job.queue and not self._would_hoard(worker, job):
+            if job.queue:
                 self._runnable.remove(job.id)
                 self._runnable.append(job.id)  # round-robin: this job goes to the back
                 self._owner_turn[job.owner] = next(self._turns)
                 return self._pop(job, job.queue)
         return None
-
-    @staticmethod
-    def _would_hoard(worker: Worker, job: Job) -> bool:
-        """Whether a batch of ``job`` would wait on ``worker`` behind those it runs (a prefetch) although the worker
-        is known to be slow at the job. A slow worker takes a job's batches only into a free slot, so it never
-        holds one back that a faster worker would finish sooner: at the end of a job, above all."""
-        return worker.id in job.slow and len(worker.batches) >= worker.slots
 
     def _may_copy(self, worker: Worker, batch: Batch) -> bool:
         """Whether ``worker`` may take (another copy of) ``batch``: not one it holds or answered, not on a host

@@ -596,35 +596,6 @@ def test_a_slow_workers_batch_is_copied_only_to_save_at_least_the_minimum_age(cl
     assert copy.batch is last
 
 
-def test_a_worker_known_to_be_slow_at_a_job_gets_no_prefetch_of_it(clock: FakeClock) -> None:
-    """With a batch prefetched per worker, "slow" (4x the typical time per task) would hold a second batch that
-    "fast" finishes sooner; once it is known slow, it takes the job's batches only into its free slot."""
-    s = Scheduler(clock, speculation=3.0)  # prefetch: one batch per slot
-    pace = {"fast": 1.0, "slow": 4.0}
-    for worker_id in pace:
-        s.add_worker(worker_id, slots=1, env=ENV)
-    job = s.add_job(ENV)
-    add_many(s, job.id, 40)
-    s.close_input(job.id)
-    ends: dict[tuple[int, int, int], float] = {}  # a worker runs its batches one after the other
-    prefetched = {"fast": 0, "slow": 0}  # batches given to a worker already holding one, once "slow" is known
-
-    def assign() -> None:
-        for a in s.dispatch():
-            queue = [ends[b.key] for b in s.workers[a.worker_id].batches.values() if b.key in ends]
-            ends[a.batch.key] = max([clock.now, *queue]) + pace[a.worker_id]
-            prefetched[a.worker_id] += bool(queue) and "slow" in job.slow
-
-    assign()
-    while ends:
-        key = min(ends, key=ends.__getitem__)
-        clock.now = ends.pop(key)
-        worker_id = next(w for w in pace if key in s.workers[w].batches)
-        done(s, worker_id, s.workers[worker_id].batches[key])
-        assign()
-    assert "slow" in job.slow and prefetched["slow"] == 0 and prefetched["fast"] > 10
-
-
 def test_tasks_too_short_for_the_clock_make_nobody_slow(clock: FakeClock) -> None:
     """Every batch but the slow worker's first settles without the clock moving (a coarse clock, tiny tasks):
     the typical time is 0, which tells nobody's pace; the tail is left to the late-batch rule."""
