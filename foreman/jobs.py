@@ -51,7 +51,7 @@ class Batcher:
     """
 
     def __init__(self, chunksize: int | None = None, target_seconds: float = 0.5, max_items: int = 10_000,
-                 target_bytes: int = 4 * 1024 * 1024) -> None:
+                 target_bytes: int = protocol.BATCH_BYTES) -> None:
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         self.chunksize = chunksize

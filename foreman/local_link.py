@@ -37,7 +37,7 @@ from websockets.exceptions import (
 )
 from websockets.frames import Close
 
-from foreman.protocol import Parts, message_size
+from foreman.protocol import BATCH_BYTES, Parts, message_size
 
 log = logging.getLogger("crowdcompute.foreman")
 
@@ -54,10 +54,10 @@ _OK_CODES = frozenset({1000, 1001})
 #: Bytes read at a time. Reads go into one buffer kept for the connection: asyncio's default of allocating
 #: 256 KiB per read costs more than the read itself for small messages (glibc grows and trims its heap).
 _CHUNK = 64 * 1024
-#: Send buffer asked for on each end. Argument batches are cut at 4 MiB, so with this much a batch's parts go to
-#: the kernel as they are written instead of ~200 KiB at a time as the worker reads. Linux caps it at
-#: net.core.wmem_max: 4 MiB on this project's machine, about 208 KiB on a stock kernel.
-_SEND_BUFFER = 4 * 1024 * 1024
+#: Send buffer asked for on each end: a whole batch of arguments, so its parts go to the kernel as they are written
+#: instead of ~200 KiB at a time as the worker reads. Linux caps it at net.core.wmem_max: 4 MiB on this project's
+#: machine, about 208 KiB on a stock kernel.
+_SEND_BUFFER = BATCH_BYTES
 
 
 class LocalConnection(asyncio.BufferedProtocol):

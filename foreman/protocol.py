@@ -36,6 +36,10 @@ MAX_CHECKPOINT_SIZE = 1024 * 1024
 #: Largest JSON header. Headers carry ids and small settings only.
 MAX_HEADER_SIZE = 64 * 1024
 
+#: Pickled arguments in one batch at most, by default (``Batcher.target_bytes``); the send buffers of the local
+#: link and of a worker's task processes are asked for this size, so that a batch goes out in one piece.
+BATCH_BYTES = 4 * 1024 * 1024
+
 _PREFIX = struct.Struct(">BI")
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from foreman.protocol import STATUS_CRASHED, STATUS_OK
+from foreman.protocol import BATCH_BYTES, STATUS_CRASHED, STATUS_OK
 from worker import checkpoints, polling
 from worker.child import child_main
 from worker.limits import Limits
@@ -342,10 +342,10 @@ class _Slot:
 #: or -1 followed by a 64-bit one, then the message.
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
-#: Send buffer asked for on both ends of a channel (the system caps it: Linux at net.core.wmem_max). Batches cap
-#: their arguments at 4 MiB, so with this much the worker writes one in a single call instead of ping-ponging
-#: with the task process; the memory is only taken while data is in flight.
-_SOCKET_BUFFER = 4 * 1024 * 1024
+#: Send buffer asked for on both ends of a channel (the system caps it: Linux at net.core.wmem_max): a whole
+#: batch of arguments, so the worker writes one in a single call instead of ping-ponging with the task process;
+#: the memory is only taken while data is in flight.
+_SOCKET_BUFFER = BATCH_BYTES
 #: Bytes read from a channel per readable event. Not more: each read allocates its size, and 256 KiB made every
 #: small read cost about 14 us instead of 2 (glibc grows and trims its heap around a block that large).
 _READ_SIZE = 64 * 1024
