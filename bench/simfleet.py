@@ -29,7 +29,7 @@ from typing import Any
 
 import cloudpickle
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from foreman import protocol
 from foreman.protocol import CALL_ONE, CALL_STAR, Kind
@@ -169,7 +169,7 @@ async def _connect(address: str, worker_id: str, token: str | None,
             if welcome.kind is not Kind.WELCOME:
                 raise RuntimeError(f"{worker_id}: expected WELCOME, got {welcome.kind.name}")
             return ws, float(welcome.header["heartbeat_interval"])
-        except (OSError, TimeoutError, ConnectionClosed):
+        except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake):  # refused when over the foreman's caps
             if attempt == CONNECT_ATTEMPTS - 1:
                 raise
             await asyncio.sleep(0.5 * (attempt + 1))

@@ -18,12 +18,14 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from foreman import protocol
+from foreman.admission import revoked_connections
 from foreman.auth import ADMIN, CLIENT, Principal
 from foreman.errors import ProtocolError
 from foreman.journal import JobRow, Output
 from foreman.local_link import LocalConnection, handle_each
-from foreman.outbound import Outbound
+from foreman.outbound import SEND_QUEUE_LIMIT, Outbound
 from foreman.protocol import CloseCode, Kind
+from foreman.quota import ClientQuota
 from foreman.stored import StoredJob
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ class ClientPeer:
         self.principal = principal
         self.attached: set[int] = set()
         self.last_heard = time.monotonic()
-        self.outbound = Outbound(ws)
+        self.outbound = Outbound(ws, SEND_QUEUE_LIMIT)
 
     @property
     def admin(self) -> bool:
@@ -69,6 +71,7 @@ class ClientService:
         self.server = server
         self.client_grace = client_grace
         self.peers: dict[str, ClientPeer] = {}
+        self.quota = ClientQuota()  # running jobs and unanswered input per principal (see foreman.quota)
 
     def identify(self, header: dict[str, Any]) -> tuple[Principal | None, str]:
         """The principal of a CONNECT, or None and why it is refused."""
@@ -134,7 +137,14 @@ class ClientService:
         if kind is Kind.SUBMIT:
             self._submit(peer, header, msg.payload)
         elif kind is Kind.INPUT:
-            if self._running(peer, header["job"]) is not None:
+            stored = self._running(peer, header["job"])
+            if stored is not None:
+                refusal = self.quota.input_refusal(stored.owner, len(msg.payload))
+                if refusal is not None and header["start"] >= stored.fed:  # a resent batch costs nothing
+                    log.warning("job %s failed: %s", stored.id, refusal, extra={"job": stored.id})
+                    stored.failure = refusal
+                    self.server.cancel_job(stored.id)
+                    return
                 try:
                     self.server.add_stored_input(header["job"], header["start"], header["count"], msg.payload)
                 except ValueError as exc:
@@ -163,6 +173,10 @@ class ClientService:
 
     def _submit(self, peer: ClientPeer, header: dict[str, Any], function: memoryview | bytes) -> None:
         options = header["options"]
+        refusal = self.quota.submit_refusal(peer.principal.name)
+        if refusal is not None:
+            peer.send(protocol.encode(Kind.ACCEPTED, {"ref": header["ref"], "error": refusal}))
+            return
         try:
             total = header.get("total")
             if total is not None and (type(total) is not int or total < 0):
@@ -215,6 +229,14 @@ class ClientService:
     def _may_see(self, peer: ClientPeer, owner: str) -> bool:
         return peer.admin or owner == peer.principal.name
 
+    def revoke(self, revoked: list[Principal]) -> None:
+        """Close the connections of clients whose token was just revoked (their jobs follow the grace rule)."""
+        for peer in revoked_connections(((p, p.principal) for p in self.peers.values()), revoked):
+            log.warning("client %s (%s): its token was revoked, disconnecting it", peer.client_id,
+                        peer.principal.name, extra={"client": peer.client_id})
+            self._drop(peer)
+            asyncio.ensure_future(peer.ws.close(CloseCode.AUTH_FAILED, "token revoked"))
+
     # -- clock -----------------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
@@ -224,6 +246,11 @@ class ClientService:
             if now - peer.last_heard > self.server.heartbeat_timeout:
                 log.warning("client %s silent for %.0fs: dropping it", peer.client_id, now - peer.last_heard,
                             extra={"client": peer.client_id})
+                self._drop(peer)
+                peer.ws.transport.abort()
+            elif peer.outbound.stalled(now, self.server.heartbeat_timeout):
+                log.warning("client %s has read nothing for %.0fs: dropping it", peer.client_id,
+                            self.server.heartbeat_timeout, extra={"client": peer.client_id})
                 self._drop(peer)
                 peer.ws.transport.abort()
         for stored in list(self.server.stored.values()):

@@ -30,7 +30,7 @@ from prometheus_client.core import (
 )
 
 import dashboard
-from dashboard.serving import QuietServer
+from dashboard.serving import GuardedH11Protocol, QuietServer
 from foreman import views
 from foreman.addresses import is_loopback
 from foreman.auth import ADMIN, CLIENT
@@ -211,7 +211,7 @@ class HttpServer:
         self.port: int = self.socket.getsockname()[1]
         self.scheme = "https" if ssl_context else "http"
         config = uvicorn.Config(create_app(server), log_level="warning", lifespan="off", access_log=False,
-                                ws_max_size=1 << 20,
+                                ws_max_size=1 << 20, http=GuardedH11Protocol,
                                 ssl_context_factory=(lambda *_: ssl_context) if ssl_context else None)
         self._uvicorn = QuietServer(config)
         self._task: asyncio.Task[None] | None = None

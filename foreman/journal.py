@@ -71,6 +71,14 @@ WAL_CHECKPOINT_PAGES = 4096
 #: Seconds a finished, not detached job stays listed once its client has acknowledged all its results.
 ACKED_JOB_RETENTION = 60.0
 
+#: Departed workers the ``workers`` table keeps (the most recently seen), and for how long at most: bounds the
+#: table (about 200 bytes a row: 10,000 rows are about 2 MiB) however many worker ids come and go. Pruned by
+#: :meth:`Journal.purge` at most every :data:`WORKER_PRUNE_INTERVAL` seconds, so the table holds at most this many
+#: departed rows plus the workers that left within that interval.
+MAX_DEPARTED_WORKERS = 10_000
+DEPARTED_WORKER_RETENTION = 30 * 86400.0
+WORKER_PRUNE_INTERVAL = 10.0
+
 
 @dataclass
 class JobRow:
@@ -141,6 +149,7 @@ class Journal:
             self.db.execute("PRAGMA journal_size_limit=67108864")
         self.db.executescript(SCHEMA)
         self._saved: dict[str, str] = {}  # name -> the JSON last written by save_state
+        self._workers_pruned = 0.0  # when purge last pruned the workers table
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -229,7 +238,7 @@ class Journal:
 
     def purge(self, now: float | None = None) -> list[int]:
         """Delete finished jobs older than the retention, and a client's (not detached) finished jobs a minute
-        after it has all their results; returns their ids."""
+        after it has all their results; returns their ids. Prunes departed workers too (:meth:`prune_workers`)."""
         now = time.time() if now is None else now
         ids = [row[0] for row in self.db.execute(
             "SELECT id FROM jobs WHERE state != 'running' AND (finished < ? OR (NOT detached AND finished < ?"
@@ -237,6 +246,9 @@ class Journal:
             (now - self.retention, now - ACKED_JOB_RETENTION))]
         for job_id in ids:
             self.delete_job(job_id)
+        if now - self._workers_pruned >= WORKER_PRUNE_INTERVAL:
+            self._workers_pruned = now
+            self.prune_workers(now)
         return ids
 
     # -- reading ---------------------------------------------------------------------------------------------
@@ -291,6 +303,23 @@ class Journal:
                         " VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT(id) DO UPDATE SET principal = excluded.principal,"
                         " address = excluded.address, last_seen = excluded.last_seen, connected = 1,"
                         " sessions = sessions + 1, left_reason = NULL", (worker_id, principal, address, now, now))
+
+    def worker_owner(self, worker_id: str) -> str | None:
+        """The principal that registered ``worker_id`` (see :func:`foreman.admission.worker_id_refusal`); None if
+        the journal does not know that id (never seen, or pruned)."""
+        row = self.db.execute("SELECT principal FROM workers WHERE id = ?", (worker_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def prune_workers(self, now: float | None = None, keep: int = MAX_DEPARTED_WORKERS,
+                      retention: float = DEPARTED_WORKER_RETENTION) -> int:
+        """Forget departed workers last seen more than ``retention`` seconds ago, and all but the ``keep`` most
+        recently seen; returns how many were forgotten. Connected workers are never forgotten. A forgotten id is
+        free again for any token (see :meth:`worker_owner`)."""
+        now = time.time() if now is None else now
+        cursor = self.db.execute(
+            "DELETE FROM workers WHERE NOT connected AND (last_seen < ? OR id IN (SELECT id FROM workers WHERE NOT"
+            " connected ORDER BY last_seen DESC LIMIT -1 OFFSET ?))", (now - retention, keep))
+        return cursor.rowcount
 
     def worker_left(self, worker_id: str, reason: str) -> None:
         self.db.execute("UPDATE workers SET connected = 0, last_seen = ?, left_reason = ? WHERE id = ?",

@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from foreman import protocol
+from foreman.admission import Admission, GuardedConnection, guarded, revoked_connections, worker_id_refusal
 from foreman.auth import CLIENT, Authenticator, Principal, RefusalLimiter
 from foreman.clients import ClientService
 from foreman.errors import ForemanClosedError, ProtocolError, TaskLostError
@@ -28,7 +29,7 @@ from foreman.fleet import Fleet
 from foreman.jobs import placement_from_json
 from foreman.journal import RUNNING, Journal
 from foreman.local_link import LocalConnection, LocalServer, handle_each
-from foreman.outbound import Outbound
+from foreman.outbound import SEND_QUEUE_LIMIT, Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
 from foreman.serialization import ENV_FINGERPRINT, Pickled
@@ -97,7 +98,7 @@ class Peer:
     outbound: Outbound = field(init=False)
 
     def __post_init__(self) -> None:
-        self.outbound = Outbound(self.ws)
+        self.outbound = Outbound(self.ws, SEND_QUEUE_LIMIT)
 
     def send(self, data: bytes | protocol.Parts) -> None:
         self.outbound.send(data)
@@ -138,6 +139,7 @@ class ForemanServer:
         self.port = port
         self.auth = auth or Authenticator()
         self.refusals = RefusalLimiter()
+        self.admission = Admission()  # connection caps and pre-authentication limits (see foreman.admission)
         self.max_messages_per_second = MAX_MESSAGES_PER_SECOND
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -192,7 +194,8 @@ class ForemanServer:
     async def start(self) -> None:
         self._server = await serve(self._handle, self.host, self.port, max_size=self.max_message_size,
                                    compression=None, ping_interval=None, open_timeout=HANDSHAKE_TIMEOUT,
-                                   close_timeout=2, process_request=self._plain_http, ssl=self.ssl_context)
+                                   close_timeout=2, process_request=self._plain_http, ssl=self.ssl_context,
+                                   create_connection=guarded(self.admission))
         self.port = self._server.sockets[0].getsockname()[1]
         self._resume_stored_jobs()
         self._load_state()
@@ -294,7 +297,7 @@ class ForemanServer:
         self.journal.add_job(job_id, owner, name, digest, call, function, options, total, detached)
         row = self.journal.job(job_id)
         assert row is not None
-        stored = self.stored[job_id] = StoredJob(row, self.journal)
+        stored = self.stored[job_id] = StoredJob(row, self.journal, self.clients.quota)
         self.add_job(digest, function, call, stored, name, total, owner=owner, job_id=job_id, **placement)
         return stored
 
@@ -348,7 +351,7 @@ class ForemanServer:
         self.journal.all_disconnected()
         held_until = time.monotonic() + self.recovery_window if self._awaited else 0.0
         for row in sorted(rows, key=lambda r: r.id):
-            stored = StoredJob(row, self.journal)
+            stored = StoredJob(row, self.journal, self.clients.quota)
             stored.orphaned_at = time.monotonic()  # until its client attaches again
             self.stored[row.id] = stored
             self.add_job(row.digest, row.function, row.call, stored, row.name, row.total, owner=row.owner,
@@ -356,6 +359,7 @@ class ForemanServer:
             inputs = self.journal.inputs(row.id)
             for start, count, payload in inputs:
                 self.scheduler.add_batch(row.id, start, count, Pickled(payload))
+                stored.resumed_input(start, count, len(payload))
             log.info("job %s of %s resumed from the journal: %s batches to run, %s tasks done",
                      row.id, row.owner, len(inputs), row.tasks_done, extra={"job": row.id})
             if row.input_closed:
@@ -478,10 +482,20 @@ class ForemanServer:
             self.refusals.refused(_host_of(address))
             await ws.close(CloseCode.AUTH_FAILED, reason)
             return None
-        if hello["concurrency"] < 1 or not hello["worker_id"]:
-            await ws.close(CloseCode.PROTOCOL_ERROR, "HELLO needs a worker_id and concurrency >= 1")
-            return None
         worker_id = hello["worker_id"]
+        try:  # everything a HELLO says is checked before anything is registered: a bad one leaves no trace
+            facts = _worker_facts(hello)
+        except ProtocolError as exc:
+            log.warning("refused worker from %s: %s", address, exc)
+            await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
+            return None
+        refusal = worker_id_refusal(worker_id, self.journal.worker_owner(worker_id), principal)
+        if refusal is not None:
+            log.warning("refused worker %.200r of %s from %s: %s", worker_id, principal.name, address, refusal)
+            self.refusals.refused(_host_of(address))
+            await ws.close(CloseCode.AUTH_FAILED, refusal[:120])
+            return None
+        _authenticated(ws)
         old = self.peers.get(worker_id)
         if old is not None:
             log.warning("worker %s reconnected: replacing its old connection", worker_id, extra={"worker": worker_id})
@@ -489,21 +503,31 @@ class ForemanServer:
             _close_soon(old.ws, CloseCode.REPLACED, "replaced by a new connection of the same worker id")
         peer = Peer(worker_id, ws, hello, principal)
         self.peers[worker_id] = peer
-        capabilities, resources = describe_worker(hello)
-        self.scheduler.add_worker(worker_id, hello["concurrency"], _env_of(hello), capabilities, resources,
-                                  str(hello.get("hostname") or ""), principal.trusted,
-                                  self.trust.reputation.barred(worker_id))
-        self.fleet.worker_joined(time.time(), worker_id, hello, _format_address(address))
-        self.journal.worker_joined(worker_id, principal.name, _format_address(address))
-        self._adopt(worker_id, hello.get("holding") if hello.get("foreman_session") == self.session else None)
-        await ws.send(protocol.encode(Kind.WELCOME, {
-            "session": self.session, "heartbeat_interval": self.heartbeat_interval,
-            "heartbeat_timeout": self.heartbeat_timeout, "max_message_size": self.max_message_size,
-            "confirms_results": self.journal.persistent}))
+        try:
+            self._register(peer, facts, _format_address(address))
+            await ws.send(protocol.encode(Kind.WELCOME, {
+                "session": self.session, "heartbeat_interval": self.heartbeat_interval,
+                "heartbeat_timeout": self.heartbeat_timeout, "max_message_size": self.max_message_size,
+                "confirms_results": self.journal.persistent}))
+        except BaseException as exc:  # a peer half registered would be a ghost that breaks its next HELLO
+            self._drop(peer, lost=True, reason=f"handshake failed: {type(exc).__name__}")
+            if isinstance(exc, ConnectionClosed):
+                return None
+            raise
         log.info("worker %s joined from %s (%s slots, Python %s)", worker_id, address, hello["concurrency"],
                  hello["python"], extra={"worker": worker_id})
         self._pump()
         return peer
+
+    def _register(self, peer: Peer, facts: tuple[str, frozenset[str], dict[str, float]], address: str) -> None:
+        worker_id, hello = peer.worker_id, peer.hello
+        env, capabilities, resources = facts
+        self.scheduler.add_worker(worker_id, hello["concurrency"], env, capabilities, resources,
+                                  str(hello.get("hostname") or ""), peer.principal.trusted,
+                                  self.trust.reputation.barred(worker_id))
+        self.fleet.worker_joined(time.time(), worker_id, hello, address)
+        self.journal.worker_joined(worker_id, peer.principal.name, address)
+        self._adopt(worker_id, hello.get("holding") if hello.get("foreman_session") == self.session else None)
 
     async def _serve_client(self, ws: Link, header: dict[str, Any]) -> None:
         principal, reason = self.clients.identify(header)
@@ -512,6 +536,7 @@ class ForemanServer:
             self.refusals.refused(_host_of(ws.remote_address))
             await ws.close(CloseCode.AUTH_FAILED, reason)
             return
+        _authenticated(ws)
         await self.clients.serve(ws, principal, header)
 
     def _adopt(self, worker_id: str, holding: Any) -> None:
@@ -535,7 +560,10 @@ class ForemanServer:
             return  # already replaced or dropped
         del self.peers[peer.worker_id]
         self._bytes_out_gone += peer.outbound.sent
-        held = len(self.scheduler.workers[peer.worker_id].batches)
+        worker = self.scheduler.workers.get(peer.worker_id)
+        if worker is None:  # its handshake failed before the scheduler heard of it
+            return
+        held = len(worker.batches)
         failures = self.scheduler.remove_worker(peer.worker_id, lost)
         now = time.time()
         self.fleet.worker_left(now, peer.worker_id, lost, reason)
@@ -720,12 +748,19 @@ class ForemanServer:
         self.clients.tick(time.monotonic())
         self.journal.purge()
         self._save_state()
-        revoked = {p.token for p in self.auth.reload_if_changed()}
-        for peer in [p for p in self.peers.values() if p.principal.token in revoked]:
+        revoked = self.auth.reload_if_changed()
+        for peer in revoked_connections(((p, p.principal) for p in self.peers.values()), revoked):
             log.warning("worker %s: its token was revoked, disconnecting it", peer.worker_id,
                         extra={"worker": peer.worker_id})
             self._drop(peer, lost=False, reason="token revoked")
             _close_soon(peer.ws, CloseCode.AUTH_FAILED, "token revoked")
+        self.clients.revoke(revoked)
+        now = time.monotonic()
+        for peer in [p for p in self.peers.values() if p.outbound.stalled(now, self.heartbeat_timeout)]:
+            log.warning("worker %s has read nothing for %.0fs: dropping it", peer.worker_id, self.heartbeat_timeout,
+                        extra={"worker": peer.worker_id})
+            self._drop(peer, lost=True, reason="does not read what it is sent")
+            peer.ws.transport.abort()  # a close handshake would queue behind what it does not read
         for worker_id in self.scheduler.expired():
             peer = self.peers.get(worker_id)
             if peer is None:
@@ -742,6 +777,31 @@ class ForemanServer:
                     message = f"job {job.id} is waiting: no connected worker has {_needs(job)}"
                     log.warning("%s", message, extra={"job": job.id})
                     self.fleet.event(time.time(), "waiting", message)
+
+
+def _authenticated(ws: Link) -> None:
+    """The peer proved who it is: lift the pre-authentication limits of its connection."""
+    if isinstance(ws, GuardedConnection):
+        ws.authenticated()
+
+
+#: Most task slots one worker may announce (bounds what one HELLO makes the scheduler plan for).
+MAX_CONCURRENCY = 4096
+
+
+def _worker_facts(hello: dict[str, Any]) -> tuple[str, frozenset[str], dict[str, float]]:
+    """A HELLO's environment, labels and resources; ProtocolError naming what is malformed."""
+    if not 1 <= hello["concurrency"] <= MAX_CONCURRENCY:
+        raise ProtocolError(f"HELLO needs a concurrency from 1 to {MAX_CONCURRENCY}")
+    if not hello["worker_id"]:
+        raise ProtocolError("HELLO needs a worker_id")
+    try:
+        env, (labels, resources) = _env_of(hello), describe_worker(hello)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+        raise ProtocolError(f"HELLO has a malformed field: {type(exc).__name__}: {exc}") from None
+    if not all(0 <= value < float("inf") for value in resources.values()):  # False for NaN too
+        raise ProtocolError(f"HELLO announces impossible resources: {resources}")
+    return env, labels, resources
 
 
 def _close_soon(ws: Link, code: int, reason: str) -> None:

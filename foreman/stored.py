@@ -14,6 +14,7 @@ from typing import Protocol
 from foreman import protocol
 from foreman.errors import describe_failure
 from foreman.journal import JobRow, Journal, Output
+from foreman.quota import ClientQuota
 
 log = logging.getLogger("crowdcompute.foreman")
 
@@ -29,7 +30,7 @@ class Subscriber(Protocol):
 class StoredJob:
     """The server-side sink of a stored job (see :class:`foreman.server.JobSink`)."""
 
-    def __init__(self, row: JobRow, journal: Journal) -> None:
+    def __init__(self, row: JobRow, journal: Journal, quota: ClientQuota | None = None) -> None:
         self.id = row.id
         self.owner = row.owner
         self.detached = row.detached
@@ -40,6 +41,9 @@ class StoredJob:
         self.orphaned_at: float | None = None  # when its last subscriber went away (for the orphan rule)
         self.over = False  # its end is journaled and told: a later end (cancelling an aborted job) changes nothing
         self._next_seq = row.next_seq
+        self.quota = quota or ClientQuota()  # its owner's: counts this job and its unanswered input
+        self.quota.job_started(self.id, self.owner)
+        self.failure: str | None = None  # set before cancelling it: the job ends as failed, with this reason
 
     def add_input(self, start: int, count: int, payload: bytes | memoryview) -> bool:
         """Journal a batch of input; False for a batch already received (a client resending after a reconnect)."""
@@ -49,7 +53,12 @@ class StoredJob:
             raise ValueError(f"job {self.id}: input from task {start} but only {self.fed} tasks received")
         self.journal.add_input(self.id, start, count, payload)
         self.fed = start + count
+        self.quota.input_added(self.id, start, count, len(payload))
         return True
+
+    def resumed_input(self, start: int, count: int, size: int) -> None:
+        """A batch of input brought back from the journal after a restart (counted in its owner's quota)."""
+        self.quota.input_added(self.id, start, count, size)
 
     def close_input(self) -> None:
         self.journal.close_input(self.id)
@@ -77,7 +86,10 @@ class StoredJob:
     def finished(self, cancelled: bool) -> None:
         if self.over:
             return
-        self.journal.finish_job(self.id, protocol.JOB_CANCELLED_STATE if cancelled else protocol.JOB_DONE_STATE)
+        if self.failure is not None:
+            self.journal.finish_job(self.id, protocol.JOB_FAILED_STATE, self.failure)
+        else:
+            self.journal.finish_job(self.id, protocol.JOB_CANCELLED_STATE if cancelled else protocol.JOB_DONE_STATE)
         self._ended()
 
     # -- subscribers -----------------------------------------------------------------------------------------
@@ -98,11 +110,13 @@ class StoredJob:
     def _store(self, output: Output) -> None:
         self.journal.add_output(output)  # committed before any client hears of it
         self._next_seq += 1
+        self.quota.answered(self.id, output.start, output.count)
         for subscriber in list(self.subscribers):
             subscriber.output(output, self.fed)
 
     def _ended(self) -> None:
         self.over = True
+        self.quota.job_over(self.id)
         row = self.journal.job(self.id)
         if row is not None:
             for subscriber in list(self.subscribers):
