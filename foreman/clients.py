@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from foreman import protocol
+from foreman import outbound, protocol
 from foreman.admission import revoked_connections
 from foreman.auth import ADMIN, CLIENT, Principal
 from foreman.errors import ProtocolError
 from foreman.journal import JobRow, Output
 from foreman.local_link import LocalConnection, handle_each
-from foreman.outbound import SEND_QUEUE_LIMIT, Outbound
+from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.quota import ClientQuota
 from foreman.stored import StoredJob
@@ -42,7 +42,7 @@ class ClientPeer:
         self.principal = principal
         self.attached: set[int] = set()
         self.last_heard = time.monotonic()
-        self.outbound = Outbound(ws, SEND_QUEUE_LIMIT)
+        self.outbound = Outbound(ws, outbound.SEND_QUEUE_LIMIT)
 
     @property
     def admin(self) -> bool:

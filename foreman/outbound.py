@@ -11,8 +11,8 @@ A peer that stops reading must not make the sender grow without limit. Two bound
 its workers and clients; a worker sets none, it trusts its foreman):
 
 - ``max_queued``: bytes waiting in the queue (not yet handed to the connection). A message that would go over
-  it closes the connection instead (code 4006, try later): the memory one connection can hold is this plus
-  the transport's buffer (one message at most, plus the high-water mark).
+  it aborts the connection instead: the memory one connection can hold is this plus the transport's buffer
+  (one message at most, plus the high-water mark).
 - :meth:`Outbound.stalled`: something waits to be sent and the peer has taken no byte for ``timeout`` seconds.
   The owner checks it on its clock and drops such a peer, so a reader that never reads is gone within the
   timeout even while what it is sent stays under ``max_queued``.
@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from foreman.local_link import LocalConnection
-from foreman.protocol import CloseCode, Parts, message_size
+from foreman.protocol import Parts, message_size
+
+log = logging.getLogger("crowdcompute.foreman")
 
 #: Bytes the foreman lets wait in the send queue of one worker or client connection (``Outbound.max_queued``).
 #: Honest traffic stays below it: a worker is sent at most its slots plus prefetch in batches (4 MiB each by
@@ -90,8 +93,10 @@ class Outbound:
         self.overflowed = True
         self._queue.clear()
         self.queued = 0
-        reason = f"send queue over {self.max_queued} bytes: the peer does not read"
-        asyncio.ensure_future(self.ws.close(CloseCode.TRY_LATER, reason))
+        log.warning("closing the connection of %s: over %s bytes wait to be sent to it (it does not read)",
+                    getattr(self.ws, "remote_address", "a peer"), self.max_queued)
+        # Aborted, not closed: a close frame would wait behind what the peer does not read.
+        self.ws.transport.abort()
 
     async def run(self) -> None:
         """Send queued messages until the connection closes; then return (see :meth:`unsent`)."""

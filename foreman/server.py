@@ -20,7 +20,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from foreman import protocol
+from foreman import outbound, protocol
 from foreman.admission import Admission, GuardedConnection, guarded, revoked_connections, worker_id_refusal
 from foreman.auth import CLIENT, Authenticator, Principal, RefusalLimiter
 from foreman.clients import ClientService
@@ -29,7 +29,7 @@ from foreman.fleet import Fleet
 from foreman.jobs import placement_from_json
 from foreman.journal import RUNNING, Journal
 from foreman.local_link import LocalConnection, LocalServer, handle_each
-from foreman.outbound import SEND_QUEUE_LIMIT, Outbound
+from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
 from foreman.serialization import ENV_FINGERPRINT, Pickled
@@ -98,7 +98,7 @@ class Peer:
     outbound: Outbound = field(init=False)
 
     def __post_init__(self) -> None:
-        self.outbound = Outbound(self.ws, SEND_QUEUE_LIMIT)
+        self.outbound = Outbound(self.ws, outbound.SEND_QUEUE_LIMIT)
 
     def send(self, data: bytes | protocol.Parts) -> None:
         self.outbound.send(data)

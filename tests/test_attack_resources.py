@@ -148,6 +148,37 @@ def test_the_journal_forgets_departed_workers_beyond_its_bounds() -> None:
     assert journal.purge(now=10**9) == [] and {row["id"] for row in journal.worker_history()} == {"w7"}
 
 
+class _Transport:
+    """A transport whose write buffer the test sets (what the peer has not taken yet)."""
+
+    def __init__(self) -> None:
+        self.buffered = 0
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.transport = _Transport()
+
+
+def test_a_send_side_that_drains_nothing_for_the_timeout_is_stalled() -> None:
+    from foreman.outbound import Outbound
+
+    link = _Link()
+    out = Outbound(link)  # type: ignore[arg-type]
+    assert not out.stalled(100.0, 5.0)  # nothing waits
+    link.transport.buffered = 1000  # written, not taken by the peer
+    assert not out.stalled(101.0, 5.0) and not out.stalled(105.0, 5.0)
+    assert out.stalled(106.5, 5.0)  # 5.5 s without a byte taken
+    link.transport.buffered = 400  # the peer read 600 bytes: progress
+    assert not out.stalled(107.0, 5.0) and not out.stalled(111.0, 5.0)
+    assert out.stalled(112.5, 5.0)
+    link.transport.buffered = 0
+    assert not out.stalled(200.0, 5.0)  # all taken
+
+
 # -- resources before authentication -----------------------------------------------------------------------------
 
 
@@ -302,11 +333,15 @@ def test_a_client_over_its_job_and_input_quotas_gets_a_clear_refusal(token_file,
         assert type(other.get("job")) is int
 
 
-def test_a_client_that_stops_reading_is_disconnected(token_file) -> None:
-    """A client with a tiny receive buffer asks for the (large) job list over and over and reads nothing: the
-    foreman drops it once nothing has drained for its heartbeat timeout, instead of queueing replies for ever."""
+def test_a_client_that_stops_reading_is_disconnected(token_file, monkeypatch) -> None:
+    """A client asks for a large job list over and over and reads nothing: once what waits for it passes the send
+    queue limit (8 MiB here, 256 MiB by default) the foreman closes it, long before its heartbeat timeout; without
+    the limit each reply (56 KiB for a 40-byte QUERY) stayed queued for as long as the client kept asking."""
+    from foreman import outbound
+
+    monkeypatch.setattr(outbound, "SEND_QUEUE_LIMIT", 8 << 20, raising=False)
     with Foreman(port=0, token_file=str(token_file), dashboard=False, heartbeat_interval=0.5,
-                 heartbeat_timeout=2.0) as fm:
+                 heartbeat_timeout=30.0) as fm:
         host, port = fm.address.removeprefix("ws://").rsplit(":", 1)
 
         async def attack() -> float | None:
@@ -316,23 +351,23 @@ def test_a_client_that_stops_reading_is_disconnected(token_file) -> None:
             async with connect(fm.address, sock=sock, max_size=None) as ws:
                 await ws.send(_connect_msg("client-carol-0003"))
                 await _expect(ws, Kind.WELCOME)
-                for ref in range(8):  # job names make each REPLY to "jobs" about 8 x 40 KiB
-                    await ws.send(_submit(ref, "n" * 40_000))
+                for ref in range(8):  # job names make each REPLY to "jobs" about 8 x 7 KiB
+                    await ws.send(_submit(ref, "n" * 7000))
                     await _expect(ws, Kind.ACCEPTED)
                 ws.transport.pause_reading()  # stop reading
                 started = time.monotonic()
-                for ref in range(3000):  # bounded: about 1 GiB of replies if all were queued
+                for ref in range(2000):  # bounded: about 110 MiB of replies if all were queued
                     try:
                         await ws.send(protocol.encode(Kind.QUERY, {"ref": ref, "what": "jobs"}))
                     except ConnectionClosed:
                         return time.monotonic() - started
-                    await asyncio.sleep(0.005)
+                    await asyncio.sleep(0.002)
                     if ws.transport.is_closing():
                         return time.monotonic() - started
             return None
 
         elapsed = asyncio.run(attack())
-        assert elapsed is not None and elapsed < 12, elapsed
+        assert elapsed is not None and elapsed < 15, elapsed
 
 
 # -- principals ----------------------------------------------------------------------------------------------------
