@@ -42,6 +42,8 @@ MAX_PENDING = 256
 MAX_PENDING_PER_HOST = 64
 #: Connections in all, authenticated or not.
 MAX_CONNECTIONS = 10_000
+#: The principal of an open foreman (see :meth:`foreman.auth.Authenticator.identify`).
+ANONYMOUS = "anonymous"
 #: Longest worker id accepted (ids are shown on the dashboard and kept in the journal).
 MAX_WORKER_ID = 200
 
@@ -109,10 +111,11 @@ class Admission:
 def worker_id_refusal(worker_id: str, owner: str | None, principal: Principal) -> str | None:
     """Why ``principal`` may not register ``worker_id``, or None if it may. ``owner``: the principal that
     registered that id first (None: nobody yet, or forgotten since, see ``Journal.prune_workers``). An id belongs to
-    its first principal; only the admin may take over another's."""
+    its first principal; only the admin may take over another's. An id registered on an open foreman (no token:
+    the ``anonymous`` principal) belongs to nobody, so adding tokens later locks no worker out."""
     if not worker_id or len(worker_id) > MAX_WORKER_ID or not worker_id.isprintable():
         return f"a worker id must be 1 to {MAX_WORKER_ID} printable characters"
-    if owner is None or owner == principal.name or principal.role == ADMIN:
+    if owner in (None, ANONYMOUS) or owner == principal.name or principal.role == ADMIN:
         return None
     return f"worker id {worker_id!r} belongs to another token; pick another --worker-id"
 

@@ -101,6 +101,7 @@ def test_a_worker_id_belongs_to_the_principal_that_registered_it_first() -> None
     assert worker_id_refusal("box", "alice", alice) is None  # its owner reconnecting
     assert "belongs to another token" in worker_id_refusal("box", "alice", bob)
     assert worker_id_refusal("box", "alice", admin) is None  # the operator may
+    assert worker_id_refusal("box", "anonymous", bob) is None  # registered before the foreman had tokens
     for bad in ("", "x" * 201, "tab\there"):
         assert "printable" in worker_id_refusal(bad, None, alice)
 
