@@ -371,6 +371,48 @@ def test_a_client_that_stops_reading_is_disconnected(token_file, monkeypatch) ->
         assert elapsed is not None and elapsed < 15, elapsed
 
 
+def test_a_worker_that_stops_reading_is_dropped_and_its_tasks_run_elsewhere(spawn_worker) -> None:
+    """A worker keeps sending heartbeats but reads nothing (a 4 KiB receive buffer, reading paused), holding the
+    batches it was sent: once it has taken no byte for the heartbeat timeout it is dropped and a real worker runs
+    them. Without the check its heartbeats kept it connected and the map never finished."""
+    with Foreman(port=0, dashboard=False, heartbeat_interval=0.2, heartbeat_timeout=1.5) as fm:
+        host, port = fm.address.removeprefix("ws://").rsplit(":", 1)
+        dropped_after: list[float] = []
+
+        async def stalled_worker() -> None:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            async with connect(fm.address, sock=sock, max_size=None) as ws:
+                await ws.send(_hello(None, "hoarder", concurrency=4))
+                await _expect(ws, Kind.WELCOME)
+                ws.transport.pause_reading()
+                started = time.monotonic()
+                while time.monotonic() - started < 20:  # bounded
+                    try:
+                        await ws.send(protocol.encode(Kind.HEARTBEAT))
+                    except ConnectionClosed:
+                        break
+                    if "hoarder" not in fm.workers:
+                        break
+                    await asyncio.sleep(0.1)
+                dropped_after.append(time.monotonic() - started)
+
+        import threading
+
+        attacker = threading.Thread(target=asyncio.run, args=(stalled_worker(),))
+        attacker.start()
+        try:
+            wait_until(lambda: fm.workers == ["hoarder"], timeout=10)
+            results = fm.imap(len, [b"x" * (3 << 20)] * 8, chunksize=1, timeout=90)
+            attacker.join(30)
+            assert dropped_after and dropped_after[0] < 15, dropped_after
+            spawn_worker(fm.address, "--concurrency", "2")
+            assert list(results) == [3 << 20] * 8
+        finally:
+            attacker.join(30)
+
+
 # -- principals ----------------------------------------------------------------------------------------------------
 
 
