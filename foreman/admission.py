@@ -139,10 +139,15 @@ class GuardedConnection(ServerConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.full_max_size = self.protocol.max_message_size
-        self.full_max_queue = (self.max_queue_high, self.max_queue_low)
-        self.protocol.max_message_size = PREAUTH_MAX_MESSAGE_SIZE
-        self.max_queue_high, self.max_queue_low = PREAUTH_MAX_QUEUE, 0
+        # websockets >= 15 calls the frame limit max_message_size, older versions max_size; either is read as each
+        # frame's header is parsed, so changing it applies from the next frame on.
+        self._size_attribute = "max_message_size" if hasattr(self.protocol, "max_message_size") else "max_size"
+        self.full_max_size = getattr(self.protocol, self._size_attribute)
+        setattr(self.protocol, self._size_attribute, PREAUTH_MAX_MESSAGE_SIZE)
+        self.full_max_queue = None
+        if hasattr(self, "max_queue_high"):  # read when the connection is made (older versions: 16 frames)
+            self.full_max_queue = (self.max_queue_high, self.max_queue_low)
+            self.max_queue_high, self.max_queue_low = PREAUTH_MAX_QUEUE, 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -159,10 +164,11 @@ class GuardedConnection(ServerConnection):
     def authenticated(self) -> None:
         """Lift the pre-authentication limits (frames already being read keep theirs)."""
         self.admission.authenticated(self)
-        self.protocol.max_message_size = self.full_max_size
-        high, low = self.full_max_queue
-        self.recv_messages.high = high
-        self.recv_messages.low = low if low is not None else (high // 4 if high is not None else None)
+        setattr(self.protocol, self._size_attribute, self.full_max_size)
+        if self.full_max_queue is not None:
+            high, low = self.full_max_queue
+            self.recv_messages.high = high
+            self.recv_messages.low = low if low is not None else (high // 4 if high is not None else None)
 
 
 def guarded(admission: Admission) -> type[GuardedConnection]:
