@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crowdcompute.foreman")
 
+#: Bytes queued to a client under which an attach replays more of a job's stored results (see
+#: ``ClientService._replay``; at most a quarter of the send queue limit), and stored results read from the
+#: journal at a time: what an attach holds in memory, however many results the job has.
+REPLAY_WINDOW = 16 * 1024 * 1024
+REPLAY_BATCH = 8
+
 class ClientPeer:
     """One connected client; a :class:`~foreman.stored.Subscriber` of the jobs it attached to."""
 
@@ -43,6 +49,7 @@ class ClientPeer:
         self.attached: set[int] = set()
         self.last_heard = time.monotonic()
         self.outbound = Outbound(ws, outbound.SEND_QUEUE_LIMIT)
+        self.replaying: dict[int, int] = {}  # job -> last seq sent, while its stored results are replayed
 
     @property
     def admin(self) -> bool:
@@ -197,8 +204,32 @@ class ClientService:
             peer.send(protocol.encode(Kind.ATTACHED, {"job": job_id, "error": _unknown(job_id, self.server)}))
             return
         peer.send(protocol.encode(Kind.ATTACHED, {"job": job_id, **row.summary()}))
-        if self.server.attach_stored(job_id, peer, after):
-            peer.attached.add(job_id)
+        if job_id not in peer.replaying and job_id not in peer.attached:
+            peer.replaying[job_id] = after
+            peer.outbound.on_empty = lambda: self._replay(peer)
+            self._replay(peer)
+
+    def _replay(self, peer: ClientPeer) -> None:
+        """Send the stored results of the jobs ``peer`` attached to, a few at a time while its send queue is under
+        :data:`REPLAY_WINDOW` (its writer calls this again once it has sent them), so a job with more results than
+        the send queue limit reaches a client that reads; then subscribe it to what comes next. Results a job
+        stores meanwhile are read from the journal too, so the client gets them in order."""
+        journal = self.server.journal
+        window = min(REPLAY_WINDOW, (peer.outbound.max_queued or REPLAY_WINDOW) // 4)
+        while peer.replaying and peer.outbound.queued < window and self.peers.get(peer.client_id) is peer:
+            job_id, after = next(iter(peer.replaying.items()))
+            outputs = list(journal.outputs(job_id, after, limit=REPLAY_BATCH))
+            row = journal.job(job_id)
+            if outputs and row is not None:
+                for output in outputs:
+                    if peer.outbound.queued >= window:
+                        break
+                    peer.output(output, row.fed)
+                    peer.replaying[job_id] = output.seq
+                continue
+            del peer.replaying[job_id]
+            if row is not None and self.server.attach_stored(job_id, peer, after):
+                peer.attached.add(job_id)
 
     def _query(self, peer: ClientPeer, header: dict[str, Any]) -> dict[str, Any]:
         journal = self.server.journal

@@ -271,10 +271,10 @@ class Journal:
         return [(start, count, bytes(payload)) for start, count, payload in self.db.execute(
             "SELECT start, count, payload FROM inputs WHERE job = ? ORDER BY start", (job_id,))]
 
-    def outputs(self, job_id: int, after: int = 0) -> Iterator[Output]:
-        """A job's stored result batches with ``seq > after``, in order."""
+    def outputs(self, job_id: int, after: int = 0, limit: int = -1) -> Iterator[Output]:
+        """A job's stored result batches with ``seq > after``, in order; the first ``limit`` only if >= 0."""
         rows = self.db.execute("SELECT job, seq, start, count, status, payload, error, elapsed, worker FROM outputs"
-                               " WHERE job = ? AND seq > ? ORDER BY seq", (job_id, after)).fetchall()
+                               " WHERE job = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
         for row in rows:
             yield Output(*row[:5], bytes(row[5]), *row[6:])
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable
 
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
@@ -49,6 +50,7 @@ class Outbound:
         self.queued = 0  # bytes in the queue and held by run(), not yet handed to the connection
         self.overflowed = False  # went over max_queued: the connection is being closed, nothing more is sent
         self._progress: tuple[int, float | None] = (0, None)  # (see stalled) at the last sign of progress
+        self.on_empty: Callable[[], None] | None = None  # called when run() has sent all that was queued
         self._queue: collections.deque[bytes | Parts] = collections.deque()
         self._wake = asyncio.Event()
         self._holding: bytes | Parts | None = None  # taken from the queue by run() and not yet sent
@@ -113,6 +115,8 @@ class Outbound:
             size = message_size(data)
             self.sent += size
             self.queued -= size
+            if not self._queue and self.on_empty is not None:
+                self.on_empty()
 
     def unsent(self) -> list[bytes]:
         """Messages not handed to the connection, oldest first (each joined); the queue is left empty."""

@@ -413,6 +413,24 @@ def test_a_worker_that_stops_reading_is_dropped_and_its_tasks_run_elsewhere(spaw
             attacker.join(30)
 
 
+def test_a_job_with_more_stored_results_than_the_send_queue_limit_is_fetched_whole(tmp_path, monkeypatch,
+                                                                                   caplog) -> None:
+    """The send queue limit must not cut an honest client off: 12 MiB of a detached job's results reach a client
+    whose send queue may hold 2 MiB over one connection, because an attach replays stored results as the client
+    takes them (sent all at once, they went over the limit, and the client got them only by reconnecting)."""
+    from foreman import outbound
+
+    monkeypatch.setattr(outbound, "SEND_QUEUE_LIMIT", 2 << 20, raising=False)
+    with Foreman(port=0, token="admin-token-1", local_workers=2, dashboard=False, data_dir=str(tmp_path),
+                 heartbeat_interval=0.2, heartbeat_timeout=5) as fm:
+        with Foreman.connect(fm.address, token="admin-token-1") as client:
+            job_id = client.submit_job(bytes, [1 << 20] * 12).id
+            wait_until(lambda: [j["id"] for j in client.jobs(state="done")] == [job_id], timeout=60, interval=0.2)
+        with Foreman.connect(fm.address, token="admin-token-1") as client:
+            assert [len(r) for r in client.job(job_id).results(timeout=60)] == [1 << 20] * 12
+    assert not [r for r in caplog.records if "connection to the foreman lost" in r.getMessage()]
+
+
 # -- principals ----------------------------------------------------------------------------------------------------
 
 
