@@ -38,7 +38,7 @@ def _number(value: Any) -> float | int | None:
     return None
 
 
-def _link(value: Any) -> str | None:
+def dashboard_link(value: Any) -> str | None:
     """A worker's dashboard address, only as an http(s) URL: a ``javascript:`` link would run in the operator's
     page when clicked."""
     if not isinstance(value, str) or len(value) > MAX_FACT:
@@ -65,7 +65,7 @@ def worker_facts(view: dict[str, Any]) -> dict[str, Any]:
     view["gpus"] = ([{**{k: v for k, v in g.items() if isinstance(k, str) and type(v) in (str, int, float, bool)},
                       "name": str(g.get("name", "GPU"))[:MAX_FACT]}
                      for g in gpus[:MAX_ITEMS] if isinstance(g, dict)] if isinstance(gpus, list) else [])
-    view["dashboard"] = _link(view.get("dashboard"))
+    view["dashboard"] = dashboard_link(view.get("dashboard"))
     return view
 
 

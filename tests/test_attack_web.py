@@ -326,3 +326,32 @@ def test_a_workers_javascript_link_and_malformed_facts_do_not_reach_the_page(def
     assert isinstance(mallory["host"], str) and isinstance(mallory["platform"], str)
     assert mallory["gpus"] == [{"name": "{'x': 1}"}]
     assert all(isinstance(c, str) for c in mallory["capabilities"])
+
+
+@pytest.mark.slow
+def test_the_page_survives_a_hostile_hello_in_a_browser(default_fm: Foreman, browser_page) -> None:
+    """The operator's page in headless Chromium, with a worker that announced a javascript: dashboard link and
+    facts of the wrong types: the page keeps rendering, and nothing on it is a javascript: link."""
+    import threading
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    address, worker_token = split_token(default_fm.address)
+    hello = {"protocol": protocol.PROTOCOL_VERSION, "worker_id": "mallory", "token": worker_token,
+             "python": "3.11.7", "cloudpickle": cloudpickle.__version__, "concurrency": 1, "capabilities": [],
+             "hostname": {"a": "dict"}, "memory": "lots", "gpus": "many", "dashboard": "javascript:alert(1)"}
+    loop = asyncio.new_event_loop()
+    held, release = asyncio.Event(), asyncio.Event()
+    holder = threading.Thread(target=loop.run_until_complete,
+                              args=(_hello_and_hold(address, worker_token, hello, held, release),), daemon=True)
+    holder.start()
+    try:
+        wait_until(held.is_set, timeout=10)
+        page = browser_page
+        page.goto(default_fm.dashboard_login_url)
+        playwright.expect(page.locator("#live")).to_have_text("live", timeout=10_000)
+        playwright.expect(page.locator('tr[data-worker="mallory"]')).to_have_count(1, timeout=10_000)
+        playwright.expect(page.locator("#t-workers")).to_have_text("2")
+        assert page.locator('a[href^="javascript" i]').count() == 0
+    finally:
+        loop.call_soon_threadsafe(release.set)
+        holder.join(timeout=10)
