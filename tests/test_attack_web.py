@@ -355,3 +355,43 @@ def test_the_page_survives_a_hostile_hello_in_a_browser(default_fm: Foreman, bro
     finally:
         loop.call_soon_threadsafe(release.set)
         holder.join(timeout=10)
+
+
+def test_the_readme_recipe_gives_volunteers_worker_only_tokens_over_wss(tmp_path: Path, spawn_worker) -> None:
+    """README, "Workers on other devices", on loopback: a foreman from the command line with a token file and a
+    self-signed certificate; a volunteer's worker joins over wss:// with its pinned fingerprint; the same
+    volunteer's token cannot connect as a client to push code to the others."""
+    import re
+    import subprocess
+    import sys
+
+    trustme = pytest.importorskip("trustme")
+    from conftest import stop_process, worker_env
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued = trustme.CA().issue_cert("127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(cert)
+    issued.private_key_pem.write_to_path(key)
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[workers]\nalice-laptop = "w-alice-laptop-1"\nbob-pi = "w-bob-pi-00001"\n')
+    foreman = subprocess.Popen([sys.executable, "-m", "foreman", "--host", "127.0.0.1", "--port", "0",
+                                "--token-file", str(tokens), "--token", "admin-secret-1", "--certfile", str(cert),
+                                "--keyfile", str(key), "--no-dashboard", "--heartbeat-interval", "0.2"],
+                               env=worker_env(), stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        assert foreman.stdout is not None
+        ready = foreman.stdout.readline()
+        address = re.search(r"wss://127\.0\.0\.1:\d+", ready).group(0)
+        fingerprint = re.search(r"--fingerprint (sha256:[0-9a-f]+)", foreman.stdout.readline()).group(1)
+        spawn_worker(address, "--fingerprint", fingerprint, "--worker-id", "alice-laptop", "--no-dashboard",
+                     env=worker_env(CROWDCOMPUTE_TOKEN="w-alice-laptop-1"))
+        pinned = ssl.create_default_context(cafile=None)
+        pinned.check_hostname, pinned.verify_mode = False, ssl.CERT_NONE  # the attacker is not stopped by TLS
+        outcome = asyncio.run(_submit_code(address, "w-alice-laptop-1", tmp_path / "pwned", ssl=pinned))
+        assert outcome == (CloseCode.AUTH_FAILED, "a worker token cannot connect as a client")
+        with Foreman.connect(address, token="admin-secret-1", fingerprint=fingerprint) as operator:
+            operator.wait_for_workers(1, timeout=30)
+            assert operator.workers == ["alice-laptop"]
+            assert operator.map(square, range(6), timeout=60) == [0, 1, 4, 9, 16, 25]
+    finally:
+        stop_process(foreman)
