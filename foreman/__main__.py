@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         address, worker_token = split_token(fm.address)
         print(f"foreman ready at {address}", flush=True)
         if worker_token is not None:  # no token given: it made up its own (nobody connects without one)
-            print(f"workers join with: python -m worker {fm.address}", flush=True)
+            print(f"workers join with: python -m worker '{fm.address}'", flush=True)
             print(f"clients connect with: Foreman.connect({address!r}, token={fm.token!r})", flush=True)
         if args.certfile:
             print(f"workers pin its certificate with --fingerprint {certificate_fingerprint(args.certfile)} "

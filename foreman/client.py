@@ -166,7 +166,8 @@ class Foreman(AsyncAPI):
                 assert self._local is not None
                 if local_workers:
                     # Its own workers dial a private Unix socket where there is one: a leaner link than WebSocket.
-                    address = self._call(self._server.start_local()) if local_link.AVAILABLE else self.address
+                    address = (self._call(self._server.start_local()) if local_link.AVAILABLE
+                               else self._server.address)  # no token in it: they hold the local secret
                     self._local.start(address, local_workers)
                 self._call(self._server.start_http())
         except BaseException:
