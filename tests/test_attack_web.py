@@ -31,6 +31,7 @@ from conftest import wait_until
 from foreman import Foreman, protocol
 from foreman.addresses import split_token
 from foreman.protocol import CloseCode, Kind
+from service_tasks import nap_square  # connected clients ship by value the module of what they run: not tasks.py
 from tasks import square
 
 FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 3}
@@ -125,7 +126,7 @@ def test_a_volunteers_token_file_token_cannot_submit(tmp_path: Path) -> None:
 
 def test_the_admin_gets_the_token_naturally(default_fm: Foreman) -> None:
     with Foreman.connect(_bare(default_fm.address), token=default_fm.token) as client:
-        assert client.map(square, range(4)) == [0, 1, 4, 9]
+        assert client.map(nap_square, range(4), [0] * 4) == [0, 1, 4, 9]
 
 
 def test_a_websocket_from_another_site_is_refused_even_with_the_token(default_fm: Foreman, tmp_path: Path) -> None:
@@ -216,7 +217,7 @@ def _as(token: str) -> dict[str, str]:
 
 def test_client_b_cannot_list_see_or_cancel_client_as_jobs(service: Foreman) -> None:
     with Foreman.connect(service.address, token="c-alice-00001") as alice:
-        job = alice.submit_job(square, range(10))
+        job = alice.submit_job(nap_square, range(10))
         with httpx.Client(base_url=service.dashboard_url, timeout=10) as api:
             wait_until(lambda: any(j["id"] == job.id for j in api.get("/api/jobs", headers=_as("admin-secret-1")).json()))
             assert [j["id"] for j in api.get("/api/jobs", headers=_as("c-alice-00001")).json()] == [job.id]
@@ -392,6 +393,6 @@ def test_the_readme_recipe_gives_volunteers_worker_only_tokens_over_wss(tmp_path
         with Foreman.connect(address, token="admin-secret-1", fingerprint=fingerprint) as operator:
             operator.wait_for_workers(1, timeout=30)
             assert operator.workers == ["alice-laptop"]
-            assert operator.map(square, range(6), timeout=60) == [0, 1, 4, 9, 16, 25]
+            assert operator.map(nap_square, range(6), [0] * 6, timeout=60) == [0, 1, 4, 9, 16, 25]
     finally:
         stop_process(foreman)
