@@ -32,6 +32,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from foreman import protocol
+from foreman.addresses import split_token
 from foreman.protocol import CALL_ONE, CALL_STAR, Kind
 from foreman.serialization import ErrorEntry, dumps_results, error_entry, loads_items
 
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", required=True, help="worker ids are PREFIX-0, PREFIX-1, ...")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(run(args.address, args.count, args.prefix, os.environ.get("CROWDCOMPUTE_TOKEN")))
+        address, carried = split_token(args.address)  # a foreman that made up its token hands it in its address
+        asyncio.run(run(address, args.count, args.prefix, os.environ.get("CROWDCOMPUTE_TOKEN") or carried))
     except (OSError, TimeoutError, ConnectionClosed) as exc:
         print(f"simfleet {args.prefix}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with Foreman(port=0, local_workers=2) as fm:
-        print(f"dashboard: {fm.dashboard_url}   (workers dial {fm.address})", flush=True)
+        print(f"dashboard: {fm.dashboard_login_url}   (workers dial {fm.address})", flush=True)
         steps = fm.map(collatz_steps, range(1, args.tasks + 1), progress=True)
         best = max(range(len(steps)), key=steps.__getitem__) + 1
         print(f"longest Collatz chain below {args.tasks + 1:,}: {best:,} ({max(steps)} steps)")

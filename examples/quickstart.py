@@ -33,8 +33,10 @@ def main() -> None:
 
     started = time.perf_counter()
     with Foreman(port=args.port, local_workers=args.workers) as fm:
-        print(f"foreman listening at {fm.address}  (other machines join with: python -m worker {fm.address})")
-        print(f"dashboard at {fm.dashboard_url}")
+        # No token given: the foreman made one up. Its address carries a worker-only token, so more workers on
+        # this machine join with it as it is; the dashboard's link logs the browser in with the admin token.
+        print(f"foreman listening at {fm.address}  (more workers join with: python -m worker '{fm.address}')")
+        print(f"dashboard at {fm.dashboard_login_url}")
         hits = fm.map(count_hits, range(args.tasks))
         darts = args.tasks * 200_000
         print(f"pi ~= {4 * sum(hits) / darts:.5f} from {darts:,} darts in {args.tasks} tasks "

@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to listen on (default 127.0.0.1; any other needs --token)")
     parser.add_argument("--port", type=int, default=9000, help="port to listen on (0 picks a free one)")
     parser.add_argument("--token", default=os.environ.get("CROWDCOMPUTE_TOKEN"),
-                        help="shared secret workers must present (env CROWDCOMPUTE_TOKEN)")
+                        help="the admin secret: workers and clients may connect with it (env CROWDCOMPUTE_TOKEN); "
+                             "on loopback without it, the foreman makes up one and prints it")
     parser.add_argument("--token-file", default=os.environ.get("CROWDCOMPUTE_TOKEN_FILE"),
                         help="TOML file of per-worker and per-client tokens ([workers] name = \"token\", "
                              "[clients] ...), re-read when it changes (env CROWDCOMPUTE_TOKEN_FILE)")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from foreman.logs import configure_logging
 
     configure_logging(args.log_level, args.log_json)
-    from foreman.addresses import is_loopback
+    from foreman.addresses import is_loopback, split_token
     from foreman.tls import certificate_fingerprint
 
     if args.print_fingerprint:
@@ -101,12 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"foreman: {exc}", file=sys.stderr)
         return 2
     with fm:
-        print(f"foreman ready at {fm.address}", flush=True)
+        address, worker_token = split_token(fm.address)
+        print(f"foreman ready at {address}", flush=True)
+        if worker_token is not None:  # no token given: it made up its own (nobody connects without one)
+            print(f"workers join with: python -m worker '{fm.address}'", flush=True)
+            print(f"clients connect with: Foreman.connect({address!r}, token={fm.token!r})", flush=True)
         if args.certfile:
             print(f"workers pin its certificate with --fingerprint {certificate_fingerprint(args.certfile)} "
                   "(or verify it with --cafile)", flush=True)
         if fm.dashboard_url:
-            print(f"dashboard at {fm.dashboard_url}", flush=True)
+            print(f"dashboard at {fm.dashboard_login_url if worker_token else fm.dashboard_url}", flush=True)
         try:
             stop.wait()
         except KeyboardInterrupt:

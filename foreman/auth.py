@@ -4,8 +4,13 @@ Three kinds of credential:
 
 - the foreman's own ``token`` (admin): may do everything; workers given it are accepted too, so a single
   shared secret keeps working for small fleets;
-- worker tokens, from the ``[workers]`` table of a token file: may join as a worker and nothing else;
-- client tokens, from the ``[clients]`` table: may use the HTTP control endpoints, never join as a worker.
+- worker tokens, from the ``[workers]`` table of a token file (or the one ``worker_token`` a foreman makes up for
+  itself, see :meth:`Authenticator.generated`): may join as a worker and nothing else;
+- client tokens, from the ``[clients]`` table: may submit jobs and see and cancel their own, never join as a
+  worker nor control workers.
+
+There is no anonymous access: a foreman given no token makes one up (:meth:`Authenticator.generated`), as Jupyter
+does. What each role may do is decided in one place, :func:`foreman.permissions.authorize`.
 
 The token file is TOML, one name per token::
 
@@ -33,6 +38,7 @@ import secrets
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +50,8 @@ else:  # pragma: no cover - Python 3.10
 log = logging.getLogger("crowdcompute.foreman")
 
 ADMIN, WORKER, CLIENT = "admin", "worker", "client"
+#: An unauthenticated reader of the dashboard on loopback (see :mod:`foreman.permissions`); no token maps to it.
+VIEWER = "viewer"
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,10 @@ def load_token_file(path: str | os.PathLike[str]) -> list[Principal]:
 class Authenticator:
     """Checks offered tokens against the admin token and the token file."""
 
-    def __init__(self, token: str | None = None, token_file: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, token: str | None = None, token_file: str | os.PathLike[str] | None = None,
+                 worker_token: str | None = None) -> None:
         self.token = token
+        self.worker_token = worker_token
         self.token_file = Path(token_file) if token_file is not None else None
         self._principals: list[Principal] = []
         self._mtime = 0.0
@@ -91,10 +101,21 @@ class Authenticator:
             self._principals = load_token_file(self.token_file)
             self._mtime = self.token_file.stat().st_mtime
 
+    @classmethod
+    def generated(cls) -> Authenticator:
+        """For a foreman given no token: a random admin token (for its dashboard and clients) and a random worker
+        token (for the address its workers dial), each 32 bytes from :mod:`secrets`."""
+        return cls(secrets.token_urlsafe(32), worker_token=secrets.token_urlsafe(32))
+
     @property
     def principals(self) -> list[Principal]:
         """The token file's principals (not the admin)."""
         return list(self._principals)
+
+    @property
+    def has_clients(self) -> bool:
+        """The token file names clients: principals whose jobs others must not see."""
+        return any(p.role == CLIENT for p in self._principals)
 
     @property
     def required(self) -> bool:
@@ -107,21 +128,37 @@ class Authenticator:
         return self._local
 
     def identify(self, offered: str | None) -> Principal | None:
-        """The principal ``offered`` belongs to, or None. Open access (no token at all) is an anonymous admin,
-        not trusted as a worker."""
+        """The principal ``offered`` belongs to, or None (also when this foreman has no token at all: nobody
+        but its local workers may connect then)."""
         if self._local is not None and offered and hmac.compare_digest(offered.encode(), self._local.encode()):
             return Principal("local", WORKER, self._local, trusted=True)
-        if not self.required:
-            return Principal("anonymous", ADMIN, "")
         if not offered:
             return None
         found = None
-        if self.token is not None and hmac.compare_digest(offered.encode(), self.token.encode()):
-            found = Principal("admin", ADMIN, self.token, trusted=True)
-        for principal in self._principals:  # no early exit: the time taken does not depend on which matched
+        for principal in self._all():  # no early exit: the time taken does not depend on which matched
             if hmac.compare_digest(offered.encode(), principal.token.encode()):
                 found = found or principal
         return found
+
+    def identify_session(self, offered: str, session: Callable[[str], str]) -> Principal | None:
+        """The admin or client whose login cookie is ``offered``: ``session(token)`` is the cookie a token gives
+        (a digest: the browser never holds the token itself). None if it is nobody's (or the token was revoked)."""
+        found = None
+        if not offered:
+            return None
+        for principal in self._all():
+            if principal.role in (ADMIN, CLIENT) and hmac.compare_digest(offered.encode(),
+                                                                       session(principal.token).encode()):
+                found = found or principal
+        return found
+
+    def _all(self) -> list[Principal]:
+        everyone = list(self._principals)
+        if self.token is not None:
+            everyone.insert(0, Principal("admin", ADMIN, self.token, trusted=True))
+        if self.worker_token is not None:
+            everyone.append(Principal("worker", WORKER, self.worker_token))
+        return everyone
 
     def reload_if_changed(self) -> list[Principal]:
         """Re-read the token file if it changed; returns the principals whose tokens were removed."""

@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from foreman import local_link, protocol
-from foreman.addresses import is_loopback
+from foreman.addresses import is_loopback, split_token, with_token
 from foreman.aio import AsyncAPI
 from foreman.auth import Authenticator
 from foreman.errors import ForemanClosedError
@@ -67,9 +68,12 @@ class Foreman(AsyncAPI):
         with Foreman.connect("ws://foreman.example:9000", token="c-...") as fm:
             fm.map(square, range(10_000))
 
-    :param host: address to listen on. Keep the default (loopback) unless a token is set.
+    :param host: address to listen on. Any but loopback needs ``token`` or ``token_file`` (ValueError without).
     :param port: port to listen on; 0 picks a free one (see :attr:`address`).
-    :param token: the admin secret: workers may join with it, and the dashboard's control needs it.
+    :param token: the admin secret: workers may join with it, clients may connect with it, and the dashboard's
+        control needs it. None (and no ``token_file``): the foreman makes up an admin token (:attr:`token`) and a
+        worker token, which :attr:`address` carries, so ``python -m worker ADDRESS`` joins as a worker and nothing
+        more. Nobody connects without a token.
     :param token_file: a TOML file of per-worker and per-client tokens (see :mod:`foreman.auth`), re-read when
         it changes; removing a worker's token disconnects that worker.
     :param local_workers: worker processes to start on this machine, through the same path as remote ones.
@@ -114,9 +118,12 @@ class Foreman(AsyncAPI):
         self._server: ForemanServer | None = None
         self._local: LocalWorkers | None = None
         self._backend: ForemanServer | RemoteBackend
+        self._worker_token: str | None = None  # the one a foreman without a token made up for its address
         if address is not None:
             if local_workers:
                 raise ValueError("local_workers cannot be started for a foreman at another address")
+            address, carried = split_token(address)
+            token = token if token is not None else carried
             pin = parse_fingerprint(fingerprint) if fingerprint else None
             context = client_context(cafile, pinned=pin is not None) if address.startswith("wss://") else None
             self._backend = RemoteBackend(address, token, context, pin, heartbeat_interval=heartbeat_interval)
@@ -129,8 +136,15 @@ class Foreman(AsyncAPI):
                 trust_workers = is_loopback(host)
             if keyfile and not certfile:
                 raise ValueError("keyfile needs a certfile")
+            if token is None and token_file is None:
+                if not is_loopback(host):
+                    raise ValueError(f"listening on {host} needs a token or a token_file: workers run the code this "
+                                     "foreman sends, and clients send it, so it must not accept strangers")
+                auth = Authenticator.generated()
+                token, self._worker_token = auth.token, auth.worker_token
+            else:
+                auth = Authenticator(token, token_file)
             tls = server_context(certfile, keyfile) if certfile else None
-            auth = Authenticator(token, token_file)
             journal = Journal(Path(data_dir) / "journal.sqlite" if data_dir else None, retention)
             self._server = self._backend = ForemanServer(
                 host, port, auth, heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
@@ -139,6 +153,7 @@ class Foreman(AsyncAPI):
                 journal=journal, client_grace=client_grace)
             pin = certificate_fingerprint(certfile) if certfile else None
             self._local = LocalWorkers(auth.local_token(), heartbeat_interval, pin)
+        self._token = token
         # The loop thread starts once every argument has been checked: a refused one leaves nothing running.
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)
@@ -151,7 +166,8 @@ class Foreman(AsyncAPI):
                 assert self._local is not None
                 if local_workers:
                     # Its own workers dial a private Unix socket where there is one: a leaner link than WebSocket.
-                    address = self._call(self._server.start_local()) if local_link.AVAILABLE else self.address
+                    address = (self._call(self._server.start_local()) if local_link.AVAILABLE
+                               else self._server.address)  # no token in it: they hold the local secret
                     self._local.start(address, local_workers)
                 self._call(self._server.start_http())
         except BaseException:
@@ -165,13 +181,33 @@ class Foreman(AsyncAPI):
     @classmethod
     def connect(cls, address: str, token: str | None = None, **options: Any) -> Foreman:
         """A client of the standalone foreman at ``address`` (``crowdcompute foreman ...``): the same API as an
-        embedded foreman. ``token``: a client token of its token file, or its admin token."""
+        embedded foreman. ``token``: a client token of its token file, or its admin token (an address
+        ``ws://host:port/?token=T`` carries it too; ``token`` wins)."""
         return cls(address=address, token=token, **options)
 
     @property
     def address(self) -> str:
-        """The ``ws://host:port`` address workers dial (``wss://`` with a certfile), or the one connected to."""
+        """The ``ws://host:port`` address workers dial (``wss://`` with a certfile), or the one connected to. For
+        a foreman that made up its own token, it carries the worker token (``ws://host:port/?token=...``): the
+        address to copy to ``python -m worker`` as it is. It lets a worker join, nothing more."""
+        if self._worker_token is not None:
+            return with_token(self._backend.address, self._worker_token)
         return self._backend.address
+
+    @property
+    def token(self) -> str | None:
+        """The admin token (given, or made up when none was): ``Foreman.connect(fm.address, token=fm.token)``
+        connects a client, and the dashboard's control takes it (see :attr:`dashboard_login_url`). Connected: the
+        token this client presented."""
+        return self._token
+
+    @property
+    def dashboard_login_url(self) -> str | None:
+        """:attr:`dashboard_url` with the admin token, as Jupyter prints it: opening it once logs the browser in
+        (a cookie holding a digest of the token) and moves to the plain address. None without a dashboard or an
+        admin token."""
+        url = self.dashboard_url
+        return f"{url}?token={quote(self._token, safe='')}" if url and self._token else None
 
     @property
     def dashboard_url(self) -> str | None:
@@ -395,7 +431,7 @@ class Foreman(AsyncAPI):
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Foreman {self.address}{' closed' if self._closed else ''}>"
+        return f"<Foreman {self._backend.address}{' closed' if self._closed else ''}>"
 
     # -- crossing into the event loop ------------------------------------------------------------------------
 

@@ -19,11 +19,12 @@ from websockets.exceptions import ConnectionClosed
 
 from foreman import outbound, protocol
 from foreman.admission import revoked_connections
-from foreman.auth import ADMIN, CLIENT, Principal
+from foreman.auth import ADMIN, Principal
 from foreman.errors import ProtocolError
 from foreman.journal import JobRow, Output
 from foreman.local_link import LocalConnection, handle_each
 from foreman.outbound import Outbound
+from foreman.permissions import Action, authorize, refusal
 from foreman.protocol import CloseCode, Kind
 from foreman.quota import ClientQuota
 from foreman.stored import StoredJob
@@ -85,8 +86,8 @@ class ClientService:
         principal = self.server.auth.identify(header["token"])
         if principal is None:
             return None, "token required" if not header["token"] else "invalid token"
-        if principal.role not in (ADMIN, CLIENT):
-            return None, "a worker token cannot connect as a client"
+        if not authorize(principal, Action.SUBMIT):
+            return None, refusal(principal, Action.SUBMIT)
         return principal, ""
 
     async def serve(self, ws: ServerConnection | LocalConnection, principal: Principal, header: dict[str, Any]) -> None:
@@ -258,7 +259,7 @@ class ClientService:
         return None
 
     def _may_see(self, peer: ClientPeer, owner: str) -> bool:
-        return peer.admin or owner == peer.principal.name
+        return authorize(peer.principal, Action.SEE_JOB, owner)
 
     def revoke(self, revoked: list[Principal]) -> None:
         """Close the connections of clients whose token was just revoked (their jobs follow the grace rule)."""

@@ -1,7 +1,7 @@
 """Credit: what each worker, and each volunteer, contributed.
 
 A volunteer is the principal whose token a worker joined with (the name in the token file's ``[workers]`` or
-``[trusted_workers]`` table; ``admin`` for the foreman's own token, ``anonymous`` on an open foreman, ``local``
+``[trusted_workers]`` table; ``admin`` for the foreman's own token, ``worker`` for the worker token a foreman without one made up, ``local``
 for an embedded foreman's local workers). Credit is given for result batches the foreman *used*: accepted
 results, and replicas that agreed with the accepted ones. Replicas that disagreed earn nothing.
 

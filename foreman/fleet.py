@@ -70,6 +70,7 @@ class JobRecord:
     done: int = 0
     failed: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    owner: str = ""  # the principal that submitted it ("" for an embedded foreman's own script)
 
     def add_failure(self, failure: dict[str, Any]) -> None:
         self.failed += 1
@@ -84,7 +85,7 @@ class JobRecord:
         remaining = None if self.total is None else max(self.total - finished, 0)
         eta = None if remaining is None or self.finished_at or rate == 0 else remaining / rate
         return {
-            "id": self.id, "name": self.name, "state": self.state, "created": self.created,
+            "id": self.id, "name": self.name, "owner": self.owner, "state": self.state, "created": self.created,
             "finished_at": self.finished_at, "elapsed": round(elapsed, 3), "total": self.total,
             "done": self.done, "failed": self.failed, "running": running, "queued": queued,
             "throughput": round(rate, 3), "eta": None if eta is None else round(eta, 1),
@@ -152,8 +153,8 @@ class Fleet:
 
     # -- jobs and tasks --------------------------------------------------------------------------------------
 
-    def job_added(self, now: float, job_id: int, name: str, total: int | None) -> None:
-        self.jobs[job_id] = JobRecord(job_id, name, now, total)
+    def job_added(self, now: float, job_id: int, name: str, total: int | None, owner: str = "") -> None:
+        self.jobs[job_id] = JobRecord(job_id, name, now, total, owner=owner)
 
     def job_finished(self, now: float, job_id: int, cancelled: bool) -> None:
         record = self.jobs.pop(job_id, None)

@@ -3,10 +3,16 @@
 A FastAPI app served by uvicorn on the foreman's own event loop, so handlers read the server's state directly.
 Imported only when the dashboard is enabled: a worker never imports it.
 
-Access: with no token, everything is open (keep the foreman on loopback then). With tokens, control endpoints
-(restart, cancel, ban) always need an admin or client token (see :mod:`foreman.auth`; a worker token is not enough),
-and so does everything else for clients that are not on loopback. A token is accepted as
-``Authorization: Bearer <token>``, or as the cookie set by the ``login`` form.
+Access: who a request is comes from ``Authorization: Bearer <token>``, or the login cookie (a digest of the token,
+see :mod:`dashboard.access`), set by the ``login`` form or by opening the page once as ``/?token=<token>`` (the
+link a foreman prints). What it may do is :func:`foreman.permissions.authorize`'s answer, the same as on the
+WebSocket side: clients see and cancel their own jobs only, workers and clients cannot ban or restart workers.
+A request without credentials from this machine reads as the *viewer*: the fleet and the admin's jobs, never a
+client's, and nothing it can change; from elsewhere it needs a token.
+
+Browsers: on a loopback foreman, a ``Host`` that is not a loopback name is refused (DNS rebinding); a POST or a
+live socket opened by a page of another site (its ``Origin``) is refused (CSRF, cross-site WebSocket); every
+response carries ``X-Frame-Options``/CSP headers.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -28,25 +35,30 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+from starlette.requests import HTTPConnection
 
 import dashboard
+from dashboard import access
 from dashboard.serving import GuardedH11Protocol, QuietServer
 from foreman import views
 from foreman.addresses import is_loopback
-from foreman.auth import ADMIN, CLIENT
+from foreman.auth import ADMIN, CLIENT, VIEWER, Principal
 from foreman.fleet import DURATION_BUCKETS
+from foreman.permissions import Action, authorize, host_allowed
 
 if TYPE_CHECKING:
     from foreman.server import ForemanServer
 
 log = logging.getLogger("crowdcompute.foreman")
 
-COOKIE = "crowdcompute_token"
+#: What the login cookie's digest is bound to (the worker dashboard's differs, so one cannot stand for the other).
+PURPOSE = "foreman dashboard"
 #: Seconds between live snapshots pushed to dashboard pages.
 PUSH_INTERVAL = 1.0
+_STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def create_app(server: ForemanServer) -> FastAPI:
+def create_app(server: ForemanServer, port: int = 0) -> FastAPI:
     app = FastAPI(title="CrowdCompute foreman", docs_url="/api/docs", openapi_url="/api/openapi.json",
                   redoc_url=None)
     templates = dashboard.templates()
@@ -54,33 +66,78 @@ def create_app(server: ForemanServer) -> FastAPI:
     registry.register(_Metrics(server))
 
     auth = server.auth
+    cookie = access.cookie_name("foreman", port)
 
-    def authorized(request: Request | WebSocket) -> bool:
-        offered = request.cookies.get(COOKIE) or ""
-        header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer "):
-            offered = header[7:].strip()
-        principal = auth.identify(offered)
-        return principal is not None and principal.role in (ADMIN, CLIENT)
+    def session(token: str) -> str:
+        return access.session(token, PURPOSE)
 
-    def may_read(request: Request | WebSocket) -> bool:
-        return (not auth.required or is_loopback(request.client.host if request.client else "")
-                or authorized(request))
+    def who(conn: HTTPConnection) -> tuple[Principal | None, bool]:
+        """The principal of a request, and whether it offered credentials at all."""
+        scheme, _, credentials = conn.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            return auth.identify(credentials.strip()), True
+        offered = conn.cookies.get(cookie)
+        if offered:
+            principal = auth.identify_session(offered, session)
+            if principal is not None:
+                return principal, True
+        if is_loopback(conn.client.host if conn.client else ""):
+            return Principal("viewer", VIEWER, ""), bool(offered)
+        return None, bool(offered)
 
-    def require_read(request: Request) -> None:
-        if not may_read(request):
-            raise HTTPException(401, "this foreman needs its token: send 'Authorization: Bearer <token>' "
-                                     "or log in at /login")
+    def require(conn: HTTPConnection, action: Action, owner: str | None = None) -> Principal:
+        principal, offered = who(conn)
+        if not authorize(principal, action, owner):
+            if principal is None or principal.role == VIEWER:
+                if not offered:
+                    raise HTTPException(401, "this needs the foreman's token: send 'Authorization: Bearer <token>' "
+                                             "or log in at /login", headers={"WWW-Authenticate": "Bearer"})
+                raise HTTPException(403, "wrong token")
+            raise HTTPException(403, f"a {principal.role} token may not {action.value}")
+        assert principal is not None
+        return principal
 
-    def require_control(request: Request) -> None:
-        if not authorized(request):
-            offered = request.headers.get("authorization") or request.cookies.get(COOKIE)
-            raise HTTPException(403 if offered else 401,
-                                "control endpoints need the foreman's token ('Authorization: Bearer <token>')")
+    def may_see(principal: Principal) -> Callable[[str], bool]:
+        return lambda owner: authorize(principal, Action.SEE_JOB, owner)
+
+    def job_events(principal: Principal) -> bool:
+        """Events name jobs but not their owners: only for whom may see every job (the viewer while there are no
+        clients)."""
+        return principal.role == ADMIN or (principal.role == VIEWER and not auth.has_clients)
+
+    def logged_in(token: str, request: Request) -> Response:
+        response = RedirectResponse("./", status_code=303)
+        response.set_cookie(cookie, session(token), path=None, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")
+        return response
+
+    @app.middleware("http")
+    async def browsers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        host = request.headers.get("host")
+        if not host_allowed(host, server.host):
+            response: Response = JSONResponse({"detail": "unknown Host: this foreman answers to loopback names "
+                                                         "only"}, status_code=403)
+        elif request.method in _STATE_CHANGING and not access.same_origin(request):
+            response = JSONResponse({"detail": "cross-site request refused"}, status_code=403)
+        else:
+            response = await call_next(request)
+        headers = access.security_headers(host)
+        if request.url.path == app.docs_url:  # FastAPI's Swagger page runs inline and CDN scripts: no CSP there
+            del headers["Content-Security-Policy"]
+        response.headers.update(headers)
+        return response
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(request: Request) -> Response:
-        if not may_read(request):
+        offered = request.query_params.get("token")
+        if offered is not None:  # the link a foreman prints: log in once, then a clean address
+            principal = auth.identify(offered)
+            if principal is None or principal.role not in (ADMIN, CLIENT):
+                return templates.TemplateResponse(request, "login.html", {"title": "Log in", "error": "wrong token"},
+                                                  status_code=401)
+            return logged_in(offered, request)
+        principal, _ = who(request)
+        if not authorize(principal, Action.READ):
             return RedirectResponse("login", status_code=303)
         return templates.TemplateResponse(request, "foreman.html", {
             "title": "CrowdCompute foreman", "address": server.address, "token_required": auth.required})
@@ -92,13 +149,11 @@ def create_app(server: ForemanServer) -> FastAPI:
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
         offered = parse_qs((await request.body()).decode(errors="replace")).get("token", [""])[0]
-        principal = auth.identify(offered) if auth.required else None
+        principal = auth.identify(offered)
         if principal is None or principal.role not in (ADMIN, CLIENT):
             return templates.TemplateResponse(request, "login.html", {"title": "Log in", "error": "wrong token"},
                                               status_code=401)
-        response = RedirectResponse("./", status_code=303)
-        response.set_cookie(COOKIE, offered, httponly=True, samesite="strict")
-        return response
+        return logged_in(offered, request)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -107,12 +162,12 @@ def create_app(server: ForemanServer) -> FastAPI:
 
     @app.get("/api/workers")
     async def list_workers(request: Request) -> list[dict[str, Any]]:
-        require_read(request)
+        require(request, Action.READ)
         return views.workers(server)
 
     @app.get("/api/workers/{worker_id}")
     async def get_worker(worker_id: str, request: Request) -> dict[str, Any]:
-        require_read(request)
+        require(request, Action.READ)
         record = server.fleet.known_worker(worker_id)
         if record is None:
             raise HTTPException(404, f"no worker {worker_id!r} is connected or remembered")
@@ -120,7 +175,7 @@ def create_app(server: ForemanServer) -> FastAPI:
 
     @app.post("/api/workers/{worker_id}/restart")
     async def restart_worker(worker_id: str, request: Request, hard: bool = False) -> dict[str, Any]:
-        require_control(request)
+        require(request, Action.CONTROL_WORKER)
         if not server.restart_worker(worker_id, hard):
             raise HTTPException(404, f"no worker {worker_id!r} is connected")
         return {"worker": worker_id, "restart": "hard" if hard else "soft", "sent": True}
@@ -128,14 +183,14 @@ def create_app(server: ForemanServer) -> FastAPI:
     @app.post("/api/workers/{worker_id}/ban")
     async def ban_worker(worker_id: str, request: Request, reason: str = "") -> dict[str, Any]:
         """The worker gets no more work (also after reconnecting) until unbanned."""
-        require_control(request)
+        require(request, Action.CONTROL_WORKER)
         server.trust.ban(worker_id, reason[:200])
         return {"worker": worker_id, "banned": True, "reputation": server.trust.reputation.to_json(worker_id)}
 
     @app.post("/api/workers/{worker_id}/unban")
     async def unban_worker(worker_id: str, request: Request) -> dict[str, Any]:
         """Lift a ban or a quarantine."""
-        require_control(request)
+        require(request, Action.CONTROL_WORKER)
         if not server.trust.unban(worker_id):
             raise HTTPException(409, f"worker {worker_id!r} is neither banned nor quarantined")
         return {"worker": worker_id, "banned": False, "reputation": server.trust.reputation.to_json(worker_id)}
@@ -143,25 +198,31 @@ def create_app(server: ForemanServer) -> FastAPI:
     @app.get("/api/leaderboard")
     async def leaderboard(request: Request) -> dict[str, Any]:
         """Credit by volunteer and by worker: tasks, CPU-seconds, GPU-seconds, validated results."""
-        require_read(request)
+        require(request, Action.READ)
         return server.trust.ledger.leaderboard()
 
     @app.get("/api/jobs")
     async def list_jobs(request: Request) -> list[dict[str, Any]]:
-        require_read(request)
-        return views.jobs(server)
+        """The jobs this request's principal may see (a client: its own)."""
+        principal = require(request, Action.READ)
+        return views.jobs(server, may_see=may_see(principal))
 
     @app.get("/api/jobs/{job_id}")
     async def get_job(job_id: int, request: Request) -> dict[str, Any]:
-        require_read(request)
+        principal = require(request, Action.READ)
         record = server.fleet.known_job(job_id)
-        if record is None:
-            raise HTTPException(404, f"no job {job_id} is running or remembered")
+        if record is None or not authorize(principal, Action.SEE_JOB, record.owner):
+            raise HTTPException(404, f"no job {job_id} of yours is running or remembered")
         return views.job_view(server, record)
 
     @app.post("/api/jobs/{job_id}/cancel")
     async def cancel_job(job_id: int, request: Request) -> dict[str, Any]:
-        require_control(request)
+        principal, _ = who(request)
+        record = server.fleet.known_job(job_id)
+        if principal is not None and principal.role != VIEWER and (
+                record is None or not authorize(principal, Action.SEE_JOB, record.owner)):
+            raise HTTPException(404, f"no job {job_id} of yours")  # another owner's job is not even named
+        require(request, Action.CANCEL_JOB, record.owner if record is not None else None)
         if not server.cancel_job(job_id):
             known = server.fleet.known_job(job_id)
             raise HTTPException(404 if known is None else 409,
@@ -170,24 +231,31 @@ def create_app(server: ForemanServer) -> FastAPI:
 
     @app.get("/api/status")
     async def status(request: Request) -> dict[str, Any]:
-        """Everything the dashboard shows, as pushed on /ws."""
-        require_read(request)
-        return views.snapshot(server)
+        """Everything the dashboard shows, as pushed on /ws (a client's: its own jobs only)."""
+        principal = require(request, Action.READ)
+        return views.snapshot(server, may_see(principal), job_events(principal))
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
-        require_read(request)
+        require(request, Action.READ)
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.websocket("/ws")
     async def live(ws: WebSocket) -> None:
-        if not may_read(ws):
-            await ws.close(code=4001, reason="token required")
+        """The dashboard's live feed. Only for the foreman's own pages: a page of another site could otherwise
+        read it (browsers do not keep WebSockets to their origin)."""
+        if not host_allowed(ws.headers.get("host"), server.host) or not access.same_origin(ws):
+            await ws.send_denial_response(JSONResponse({"detail": "cross-site request refused"}, status_code=403))
+            return
+        principal, _ = who(ws)
+        if principal is None or not authorize(principal, Action.READ):
+            await ws.send_denial_response(JSONResponse({"detail": "token required"}, status_code=401))
             return
         await ws.accept()
+        see, events = may_see(principal), job_events(principal)
         try:
             while True:
-                await ws.send_json(views.snapshot(server))
+                await ws.send_json(views.snapshot(server, see, events))
                 await asyncio.sleep(PUSH_INTERVAL)
         except (WebSocketDisconnect, RuntimeError):
             pass
@@ -210,7 +278,7 @@ class HttpServer:
         self.host = host
         self.port: int = self.socket.getsockname()[1]
         self.scheme = "https" if ssl_context else "http"
-        config = uvicorn.Config(create_app(server), log_level="warning", lifespan="off", access_log=False,
+        config = uvicorn.Config(create_app(server, self.port), log_level="warning", lifespan="off", access_log=False,
                                 ws_max_size=1 << 20, http=GuardedH11Protocol,
                                 ssl_context_factory=(lambda *_: ssl_context) if ssl_context else None)
         self._uvicorn = QuietServer(config)

@@ -22,7 +22,7 @@ from websockets.http11 import Request, Response
 
 from foreman import outbound, protocol
 from foreman.admission import Admission, GuardedConnection, guarded, revoked_connections, worker_id_refusal
-from foreman.auth import CLIENT, Authenticator, Principal, RefusalLimiter
+from foreman.auth import Authenticator, Principal, RefusalLimiter
 from foreman.clients import ClientService
 from foreman.errors import ForemanClosedError, ProtocolError, TaskLostError
 from foreman.fleet import Fleet
@@ -30,6 +30,7 @@ from foreman.jobs import placement_from_json
 from foreman.journal import RUNNING, Journal
 from foreman.local_link import LocalConnection, LocalServer, handle_each
 from foreman.outbound import Outbound
+from foreman.permissions import Action, authorize, host_allowed, origin_allowed, refusal
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
 from foreman.serialization import ENV_FINGERPRINT, Pickled
@@ -222,14 +223,23 @@ class ForemanServer:
         log.info("dashboard at %s", self.http.url)
 
     def _plain_http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """A browser opening the WebSocket address is sent to the dashboard."""
+        """A browser opening the WebSocket address is sent to the dashboard. Refused: a request to a loopback
+        foreman under a name that is not loopback (DNS rebinding), and a browser page of another site opening a
+        WebSocket here (see :mod:`foreman.permissions`)."""
+        host = request.headers.get("Host")
+        if not host_allowed(host, self.host):
+            return connection.respond(HTTPStatus.FORBIDDEN, "CrowdCompute foreman: unknown Host\n")
+        own_ports = (self.port,) + ((self.http.port,) if self.http is not None else ())
+        if not origin_allowed(request.headers.get("Origin"), host, own_ports):
+            return connection.respond(HTTPStatus.FORBIDDEN, "CrowdCompute foreman: cross-site request refused\n")
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None
         if self.http is None:
             return connection.respond(HTTPStatus.UPGRADE_REQUIRED,
                                       "CrowdCompute foreman: workers connect here over WebSocket.\n")
         host = request.headers.get("Host", self.host).rsplit(":", 1)[0]
-        location = f"{'https' if self.ssl_context else 'http'}://{host}:{self.http.port}{request.path}"
+        path = request.path.split("?", 1)[0]  # a token in the address stays out of the dashboard's
+        location = f"{'https' if self.ssl_context else 'http'}://{host}:{self.http.port}{path}"
         response = connection.respond(HTTPStatus.FOUND, f"The dashboard is at {location}\n")
         response.headers["Location"] = location
         return response
@@ -284,7 +294,7 @@ class ForemanServer:
         wants_gpu = bool(requires & {"gpu", "cuda"}) or (resources or {}).get("gpu", 0) > 0
         self.jobs[job.id] = _JobRecord(job.id, digest, function, call, sink, task_timeout, validation=validation,
                                        wants_gpu=wants_gpu)
-        self.fleet.job_added(time.time(), job.id, name, total)
+        self.fleet.job_added(time.time(), job.id, name, total, owner)
         return job.id
 
     def add_stored_job(self, owner: str, name: str, digest: str, call: str, function: bytes,
@@ -474,9 +484,9 @@ class ForemanServer:
             await self._serve_client(ws, hello)
             return None
         principal = self.auth.identify(hello["token"])
-        if principal is None or principal.role == CLIENT:
+        if not authorize(principal, Action.JOIN):
             reason = ("token required" if not hello["token"] else
-                      "invalid token" if principal is None else "a client token cannot join as a worker")
+                      "invalid token" if principal is None else refusal(principal, Action.JOIN))
             log.warning("refused worker %s from %s: %s", hello["worker_id"], address, reason,
                         extra={"worker": hello["worker_id"]})
             self.refusals.refused(_host_of(address))
@@ -489,11 +499,11 @@ class ForemanServer:
             log.warning("refused worker from %s: %s", address, exc)
             await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
             return None
-        refusal = worker_id_refusal(worker_id, self.journal.worker_owner(worker_id), principal)
-        if refusal is not None:
-            log.warning("refused worker %.200r of %s from %s: %s", worker_id, principal.name, address, refusal)
+        taken = worker_id_refusal(worker_id, self.journal.worker_owner(worker_id), principal)
+        if taken is not None:
+            log.warning("refused worker %.200r of %s from %s: %s", worker_id, principal.name, address, taken)
             self.refusals.refused(_host_of(address))
-            await ws.close(CloseCode.AUTH_FAILED, refusal[:120])
+            await ws.close(CloseCode.AUTH_FAILED, taken[:120])
             return None
         _authenticated(ws)
         old = self.peers.get(worker_id)

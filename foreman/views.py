@@ -5,8 +5,11 @@ Shared by the HTTP API, the dashboard's live socket and the Prometheus metrics. 
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from foreman.fleet import JobRecord, WorkerRecord
 from foreman.scheduler import State
@@ -19,12 +22,57 @@ RECENT_JOBS = 20
 RECENT_EVENTS = 60
 #: Volunteers and workers shown on the dashboard's leaderboard (the API lists all).
 LEADERS = 20
+#: Event kinds that name jobs: shown only to whom may see every job (the admin, the loopback viewer).
+JOB_EVENTS = frozenset({"job", "poison", "replica", "waiting"})
+#: Characters kept of a fact a worker states about itself (host name, platform...), items kept of a list of them.
+MAX_FACT, MAX_ITEMS = 200, 64
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)[:MAX_FACT]
+
+
+def _number(value: Any) -> float | int | None:
+    if type(value) in (int, float) and math.isfinite(value) and value >= 0:
+        return value
+    return None
+
+
+def dashboard_link(value: Any) -> str | None:
+    """A worker's dashboard address, only as an http(s) URL: a ``javascript:`` link would run in the operator's
+    page when clicked."""
+    if not isinstance(value, str) or len(value) > MAX_FACT:
+        return None
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return None
+    return value if parts.scheme in ("http", "https") and parts.netloc else None
+
+
+def worker_facts(view: dict[str, Any]) -> dict[str, Any]:
+    """What a worker said about itself in its HELLO, in the shapes the dashboard expects: strings, non-negative
+    numbers, lists of strings, GPUs with a name, an http(s) dashboard link; anything else becomes None or is
+    left out. A worker's malformed facts must not break the operator's page."""
+    for key in ("host", "platform", "machine", "python", "version"):
+        view[key] = _text(view.get(key))
+    for key in ("cpu_count", "memory", "concurrency"):
+        view[key] = _number(view.get(key))
+    capabilities = view.get("capabilities")
+    view["capabilities"] = ([str(c)[:MAX_FACT] for c in capabilities[:MAX_ITEMS]]
+                            if isinstance(capabilities, list) else [])
+    gpus = view.get("gpus")
+    view["gpus"] = ([{**{k: v for k, v in g.items() if isinstance(k, str) and type(v) in (str, int, float, bool)},
+                      "name": str(g.get("name", "GPU"))[:MAX_FACT]}
+                     for g in gpus[:MAX_ITEMS] if isinstance(g, dict)] if isinstance(gpus, list) else [])
+    view["dashboard"] = dashboard_link(view.get("dashboard"))
+    return view
 
 
 def worker_view(server: ForemanServer, record: WorkerRecord) -> dict[str, Any]:
     live = server.scheduler.workers.get(record.id) if record.left_at is None else None
     running = sum(batch.count for batch in live.batches.values()) if live else 0
-    view = record.to_json(time.time(), running)
+    view = worker_facts(record.to_json(time.time(), running))
     peer = server.peers.get(record.id)
     view["volunteer"] = peer.principal.name if peer else server.trust.ledger.volunteer_of.get(record.id)
     view["trusted"] = bool(live and live.trusted)
@@ -54,13 +102,15 @@ def workers(server: ForemanServer) -> list[dict[str, Any]]:
             + [worker_view(server, r) for r in reversed(fleet.departed)])
 
 
-def jobs(server: ForemanServer, finished_limit: int | None = None) -> list[dict[str, Any]]:
-    """Running jobs, then finished ones, most recent first."""
+def jobs(server: ForemanServer, finished_limit: int | None = None,
+         may_see: Callable[[str], bool] = lambda owner: True) -> list[dict[str, Any]]:
+    """Running jobs, then finished ones, most recent first; only those whose owner ``may_see`` accepts."""
     fleet = server.fleet
-    finished = list(reversed(fleet.finished_jobs))
+    finished = [r for r in reversed(fleet.finished_jobs) if may_see(r.owner)]
     if finished_limit is not None:
         finished = finished[:finished_limit]
-    return [job_view(server, r) for r in reversed(fleet.jobs.values())] + [job_view(server, r) for r in finished]
+    return ([job_view(server, r) for r in reversed(fleet.jobs.values()) if may_see(r.owner)]
+            + [job_view(server, r) for r in finished])
 
 
 def totals(server: ForemanServer) -> dict[str, Any]:
@@ -75,11 +125,14 @@ def totals(server: ForemanServer) -> dict[str, Any]:
     }
 
 
-def snapshot(server: ForemanServer) -> dict[str, Any]:
-    """Everything the dashboard page shows, in one message."""
+def snapshot(server: ForemanServer, may_see: Callable[[str], bool] = lambda owner: True,
+             job_events: bool = True) -> dict[str, Any]:
+    """Everything the dashboard page shows, in one message: the jobs ``may_see`` accepts, and the events that
+    name jobs only with ``job_events``."""
     fleet = server.fleet
+    events = [e for e in fleet.events if job_events or e["kind"] not in JOB_EVENTS][-RECENT_EVENTS:]
     return {
         "time": time.time(), "address": server.address, "totals": totals(server), "workers": workers(server),
-        "jobs": jobs(server, RECENT_JOBS), "series": list(fleet.series),
-        "events": list(fleet.events)[-RECENT_EVENTS:], "leaderboard": server.trust.ledger.leaderboard(LEADERS),
+        "jobs": jobs(server, RECENT_JOBS, may_see), "series": list(fleet.series),
+        "events": events, "leaderboard": server.trust.ledger.leaderboard(LEADERS),
     }

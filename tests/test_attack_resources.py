@@ -11,18 +11,19 @@ import socket
 import time
 
 import pytest
+from conftest import wait_until
+from tasks import square
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import wait_until
 from foreman import Foreman, protocol, quota
+from foreman.addresses import split_token
 from foreman.admission import Admission, revoked_connections, worker_id_refusal
 from foreman.auth import ADMIN, CLIENT, WORKER, Principal
 from foreman.journal import Journal
 from foreman.protocol import CloseCode, Kind
 from foreman.quota import ClientQuota
 from foreman.serialization import dumps_function
-from tasks import square
 
 TOKENS = """
 [workers]
@@ -376,15 +377,16 @@ def test_a_worker_that_stops_reading_is_dropped_and_its_tasks_run_elsewhere(spaw
     batches it was sent: once it has taken no byte for the heartbeat timeout it is dropped and a real worker runs
     them. Without the check its heartbeats kept it connected and the map never finished."""
     with Foreman(port=0, dashboard=False, heartbeat_interval=0.2, heartbeat_timeout=1.5) as fm:
-        host, port = fm.address.removeprefix("ws://").rsplit(":", 1)
+        address, worker_token = split_token(fm.address)  # the worker token a foreman without one made up
+        host, port = address.removeprefix("ws://").rsplit(":", 1)
         dropped_after: list[float] = []
 
         async def stalled_worker() -> None:
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect((host, int(port)))
-            async with connect(fm.address, sock=sock, max_size=None) as ws:
-                await ws.send(_hello(None, "hoarder", concurrency=4))
+            async with connect(address, sock=sock, max_size=None) as ws:
+                await ws.send(_hello(worker_token, "hoarder", concurrency=4))
                 await _expect(ws, Kind.WELCOME)
                 ws.transport.pause_reading()
                 started = time.monotonic()

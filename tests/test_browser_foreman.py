@@ -19,7 +19,7 @@ def test_progress_bar_reaches_100_percent_and_a_killed_worker_shows_lost(browser
     page = browser_page
     with Foreman(port=0, local_workers=2, heartbeat_interval=0.2, heartbeat_timeout=1.5) as fm:
         fm.wait_for_workers(2)
-        page.goto(fm.dashboard_url)
+        page.goto(fm.dashboard_login_url)  # logs in (the cookie), then the dashboard
         playwright.expect(page.locator("#live")).to_have_text("live", timeout=10_000)
 
         job = fm.imap(slow_whoami, range(600), chunksize=4)
@@ -49,7 +49,7 @@ def test_reputation_leaderboard_and_ban_on_the_dashboard(browser_page, spawn_wor
         spawn_worker(fm.address, "--worker-id", "stranger", "--no-dashboard",
                      env=worker_env(CROWDCOMPUTE_TEST_CHEAT="1"))
         fm.wait_for_workers(2)
-        page.goto(fm.dashboard_url)
+        page.goto(fm.dashboard_login_url)  # logs in (the cookie), then the dashboard
         playwright.expect(page.locator("#live")).to_have_text("live", timeout=10_000)
         assert fm.map(cheat_square, range(12), spot_check=1.0, chunksize=1) == [x * x for x in range(12)]
 

@@ -17,7 +17,9 @@ from tasks import boom, record_start, slow_whoami, square
 
 @pytest.fixture
 def api(fm: Foreman) -> httpx.Client:
-    with httpx.Client(base_url=fm.dashboard_url, timeout=10) as client:
+    """The admin's API client: the foreman made up its token, ``fm.token``."""
+    with httpx.Client(base_url=fm.dashboard_url, timeout=10,
+                      headers={"Authorization": f"Bearer {fm.token}"}) as client:
         yield client
 
 
@@ -135,7 +137,9 @@ def test_control_needs_the_token() -> None:
                             headers={"content-type": "application/x-www-form-urlencoded"}).status_code == 401
             login = api.post("/login", content="token=tok", follow_redirects=False,
                              headers={"content-type": "application/x-www-form-urlencoded"})
-            assert login.status_code == 303 and "crowdcompute_token" in login.headers["set-cookie"]
+            cookie = login.headers["set-cookie"]
+            assert login.status_code == 303 and "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
+            assert "tok" not in cookie.split(";")[0].split("=", 1)[1]  # a digest, never the token itself
             assert api.post(f"/api/workers/{worker}/restart").status_code == 200  # the cookie now authorises
 
 

@@ -6,6 +6,7 @@ import concurrent.futures
 import itertools
 import os
 import time
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -134,6 +135,6 @@ def test_closing_the_foreman_fails_unfinished_work() -> None:
 
 
 def test_a_busy_port_is_a_clear_error(fm: Foreman) -> None:
-    port = int(fm.address.rsplit(":", 1)[1])
+    port = urlsplit(fm.address).port
     with pytest.raises(OSError):
         Foreman(port=port)

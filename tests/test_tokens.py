@@ -86,8 +86,10 @@ def test_worker_and_client_tokens_have_their_own_rights(token_file) -> None:
             with httpx.Client(base_url=fm.dashboard_url, timeout=10) as api:
                 as_worker = {"Authorization": "Bearer worker-alice-0001"}
                 assert api.post(f"/api/workers/{worker_id}/restart", headers=as_worker).status_code == 403
-                as_client = {"Authorization": "Bearer client-carol-0003"}
-                assert api.post(f"/api/workers/{worker_id}/restart", headers=as_client).status_code == 200
+                as_client = {"Authorization": "Bearer client-carol-0003"}  # a client uses the fleet, not runs it
+                assert api.post(f"/api/workers/{worker_id}/restart", headers=as_client).status_code == 403
+                as_admin = {"Authorization": "Bearer admin-secret-1"}
+                assert api.post(f"/api/workers/{worker_id}/restart", headers=as_admin).status_code == 200
         finally:
             stop_process(worker)
 

@@ -45,7 +45,7 @@ def test_redundancy_outvotes_a_cheater_who_is_then_quarantined(fleet: Foreman) -
     assert set(honest) == {"honest1", "honest2"}
     assert all(row["tasks"] == row["validated"] == 40 for row in honest.values())
     (volunteer,) = board["volunteers"]
-    assert volunteer["volunteer"] == "anonymous" and volunteer["validated"] == 80 and volunteer["tasks"] == 80
+    assert volunteer["volunteer"] == "worker" and volunteer["validated"] == 80 and volunteer["tasks"] == 80
     assert volunteer["cpu_seconds"] == pytest.approx(sum(row["cpu_seconds"] for row in honest.values()), abs=0.01)
 
 

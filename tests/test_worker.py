@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from urllib.parse import urlsplit
 
 from conftest import stop_process, worker_env
 from foreman import Foreman
@@ -56,14 +57,14 @@ def test_worker_uses_spawned_task_processes_with_its_concurrency(spawn_worker) -
 
 
 def test_worker_reconnects_when_the_foreman_comes_back(spawn_worker) -> None:
-    fm = Foreman(port=0, heartbeat_interval=0.2, heartbeat_timeout=1.5)
-    port = int(fm.address.rsplit(":", 1)[1])
-    worker = spawn_worker(fm.address, "--concurrency", "1", "--worker-id", "phoenix")
+    fm = Foreman(port=0, token="phoenix-token", heartbeat_interval=0.2, heartbeat_timeout=1.5)
+    port = urlsplit(fm.address).port
+    worker = spawn_worker(fm.address, "--concurrency", "1", "--worker-id", "phoenix", "--token", "phoenix-token")
     fm.wait_for_workers(1)
     fm.close()
     time.sleep(0.5)
     assert worker.poll() is None  # still running, retrying with backoff
-    with Foreman(port=port, heartbeat_interval=0.2, heartbeat_timeout=1.5) as again:
+    with Foreman(port=port, token="phoenix-token", heartbeat_interval=0.2, heartbeat_timeout=1.5) as again:
         again.wait_for_workers(1, timeout=40)
         assert again.workers == ["phoenix"]
         assert again.map(square, range(10)) == [x * x for x in range(10)]

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                "CROWDCOMPUTE_MAX_MEMORY.")
     parser.add_argument("foreman_url", nargs="?", default=_env("FOREMAN", "ws://127.0.0.1:9000"),
                         help="the foreman's address, ws://HOST:PORT, or wss://HOST:PORT for TLS, or unix:PATH "
-                             "for the private socket of a foreman on this machine (env CROWDCOMPUTE_FOREMAN)")
+                             "for the private socket of a foreman on this machine (env CROWDCOMPUTE_FOREMAN); "
+                             "an address printed as ws://HOST:PORT/?token=T carries the token (--token wins)")
     parser.add_argument("--token", default=_env("TOKEN"), help="shared secret the foreman expects "
                         "(env CROWDCOMPUTE_TOKEN; prefer the variable: command lines are visible to other users)")
     parser.add_argument("--concurrency", type=int, default=_env("CONCURRENCY", str(cpu_count())),

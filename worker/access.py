@@ -11,12 +11,12 @@ cannot restart a worker on its visitor's machine (CSRF), token or not.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
+
+from dashboard import access
 
 
 class Access:
@@ -30,13 +30,13 @@ class Access:
     def __init__(self, token: str | None, loopback: bool, port: int) -> None:
         self.token = token
         self.loopback = loopback
-        self.cookie = f"crowdcompute_worker_{port}"
+        self.cookie = access.cookie_name("worker", port)
 
     @property
     def session(self) -> str:
         """The login cookie's value: proves the token was typed, without storing it in the browser."""
         assert self.token is not None
-        return hmac.new(self.token.encode(), b"crowdcompute worker dashboard", hashlib.sha256).hexdigest()
+        return access.session(self.token, "worker dashboard")
 
     def token_matches(self, offered: str) -> bool:
         return self.token is not None and hmac.compare_digest(offered.encode(), self.token.encode())
@@ -49,15 +49,7 @@ class Access:
             return True
         return hmac.compare_digest(conn.cookies.get(self.cookie, "").encode(), self.session.encode())
 
-    @staticmethod
-    def same_origin(conn: HTTPConnection) -> bool:
-        """True unless a browser says the request comes from another origin. Clients other than browsers send
-        no Origin; a reverse proxy may rewrite Host, so X-Forwarded-Host counts too."""
-        origin = conn.headers.get("origin")
-        if origin is None:
-            return True
-        netloc = urlsplit(origin).netloc
-        return bool(netloc) and netloc in (conn.headers.get("host"), conn.headers.get("x-forwarded-host"))
+    same_origin = staticmethod(access.same_origin)
 
     def refusal(self, conn: HTTPConnection, control: bool) -> Response | None:
         """None if ``conn`` may proceed, else the response to send: 401 without credentials, 403 with wrong ones

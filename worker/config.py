@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from foreman import local_link, protocol
-from foreman.addresses import is_loopback
+from foreman.addresses import is_loopback, split_token
 from foreman.tls import parse_fingerprint
 from worker import sysinfo
 from worker.limits import Limits
@@ -26,7 +26,9 @@ class WorkerConfig:
     """How a worker runs. Field names follow the prototype, so its users' configs keep working.
 
     :param foreman_url: the foreman's ``ws://host:port`` address; ``wss://`` for TLS; ``unix:PATH`` for the
-        private socket of a foreman on this machine (how a foreman's own local workers dial it).
+        private socket of a foreman on this machine (how a foreman's own local workers dial it). An address
+        that carries a token (``ws://host:port/?token=T``, as a foreman that made up its token prints it) is
+        split: the worker dials the address without it and sends ``T`` in its HELLO (``token`` wins).
     :param worker_id: a stable name; a worker that reconnects under the same id replaces its old connection.
     :param token: the shared secret the foreman expects, if it has one.
     :param max_concurrent_tasks: task processes run at once (default: CPU count).
@@ -79,6 +81,9 @@ class WorkerConfig:
     prefs: Prefs = field(default_factory=Prefs)
 
     def __post_init__(self) -> None:
+        self.foreman_url, carried = split_token(self.foreman_url)
+        if self.token is None:
+            self.token = carried
         if self.max_concurrent_tasks < 1:
             raise ValueError("max_concurrent_tasks must be >= 1")
         if self.prefs.max_cores is not None:

@@ -58,12 +58,20 @@ function renderLeaders(board) {
       <td class="num">${n(w.gpu_seconds)}</td></tr>`).join("");
 }
 
+// A worker states its own dashboard address: only an http(s) one becomes a link (never javascript: or data:).
+// The foreman checks it too (views.dashboard_link); this is the page's own guard.
+function webLink(url) {
+  if (typeof url !== "string") return false;
+  try { return ["http:", "https:"].includes(new URL(url).protocol); } catch { return false; }
+}
+
 function renderWorkers(workers) {
   if (!workers.length) return;
   $("workers").innerHTML = workers.map(w => {
-    const name = w.dashboard ? `<a href="${escapeHtml(w.dashboard)}" target="_blank" rel="noopener">${escapeHtml(w.id)}</a>`
-                             : escapeHtml(w.id);
-    const gpus = w.gpus.length ? w.gpus.map(g => escapeHtml(g.name)).join(", ") : "none";
+    const name = webLink(w.dashboard)
+      ? `<a href="${escapeHtml(w.dashboard)}" target="_blank" rel="noopener noreferrer">${escapeHtml(w.id)}</a>`
+      : escapeHtml(w.id);
+    const gpus = Array.isArray(w.gpus) && w.gpus.length ? w.gpus.map(g => escapeHtml(g && g.name)).join(", ") : "none";
     const heard = w.connected ? formatDuration(w.last_heartbeat_age) + " ago"
                               : `left ${new Date(w.left_at * 1000).toLocaleTimeString()}`;
     return `<tr class="${w.connected ? "" : "gone"}" data-worker="${escapeHtml(w.id)}"
@@ -71,8 +79,8 @@ function renderWorkers(workers) {
       <td class="mono">${name}</td><td>${pill(w.status)}${w.pause_reason
         ? `<div class="muted pause-reason">${escapeHtml(w.pause_reason)}</div>` : ""}</td><td>${escapeHtml(w.host)}</td>
       <td>${escapeHtml(w.machine)}</td><td class="num">${w.cpu_count ?? "–"}</td>
-      <td class="num">${formatBytes(w.memory)}</td><td>${gpus}</td>
-      <td>${escapeHtml((w.capabilities || []).join(", ") || "–")}</td>
+      <td class="num">${formatBytes(typeof w.memory === "number" ? w.memory : null)}</td><td>${gpus}</td>
+      <td>${escapeHtml((Array.isArray(w.capabilities) ? w.capabilities : []).join(", ") || "–")}</td>
       <td class="num">${w.tasks_done}</td><td class="num">${w.tasks_failed}</td>
       <td class="num">${w.tasks_running}</td><td class="num">${formatNumber(w.throughput)}</td>
       <td class="num">${heard}</td><td class="trust">${trust(w)}</td>

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psutil
 
+from foreman.addresses import split_token
+
 CHAOS = Path(__file__).resolve().parent
 TESTS = CHAOS.parent
 ROOT = TESTS.parent
@@ -67,12 +69,16 @@ class WorkerFleet:
 
     def __init__(self, foreman_address: str, proxy_address: str | None, log_dir: Path,
                  local_address: str | None = None) -> None:
-        self.foreman_address = foreman_address
+        # The token a foreman made up rides in its address; the proxy's and the local link's addresses have none,
+        # so every worker gets it from the environment instead.
+        self.foreman_address, token = split_token(foreman_address)
         self.proxy_address = proxy_address
         self.local_address = local_address
         self.log_dir = log_dir
         self.workers: list[WorkerProcess] = []
         self._env = worker_env()
+        if token:
+            self._env["CROWDCOMPUTE_TOKEN"] = token
         self.log_level = os.environ.get("CROWDCOMPUTE_CHAOS_WORKER_LOG", "ERROR")  # WARNING shows crashes etc.
         self._serial = 0
 
