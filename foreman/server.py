@@ -539,7 +539,10 @@ class ForemanServer:
         failures = self.scheduler.remove_worker(peer.worker_id, lost)
         now = time.time()
         self.fleet.worker_left(now, peer.worker_id, lost, reason)
-        self.journal.worker_left(peer.worker_id, reason)
+        if not self.closing:
+            # A foreman that stops keeps its workers journaled as connected: they keep what they run and hold,
+            # and the next run awaits them (recovery_window) before running their batches anywhere else.
+            self.journal.worker_left(peer.worker_id, reason)
         if lost:
             log.warning("worker %s lost (%s); its %s batches are reassigned", peer.worker_id, reason, held,
                         extra={"worker": peer.worker_id})
@@ -651,6 +654,8 @@ class ForemanServer:
     def _pump(self) -> None:
         """Send whatever the scheduler assigns now. A job's sink hears that a batch starts before it is first
         sent, and may refuse (its future was cancelled meanwhile): then it is not sent, and is cancelled."""
+        if self.closing:
+            return  # a stopping foreman starts nothing: what its workers gave up runs in its next run
         refused: list[tuple[int, int]] = []
         for assignment in self.scheduler.dispatch():
             batch = assignment.batch
