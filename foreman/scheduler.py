@@ -295,9 +295,10 @@ class Scheduler:
             worker.last_seen = self.clock()
             self._by_last_seen.move_to_end(worker_id)
 
-    def expired(self) -> list[str]:
-        """Workers silent for longer than the heartbeat timeout. The caller removes them."""
-        deadline = self.clock() - self.heartbeat_timeout
+    def expired(self, slack: float = 0.0) -> list[str]:
+        """Workers silent for longer than the heartbeat timeout (plus ``slack``: how late the caller's own loop
+        may be in reading their messages). The caller removes them."""
+        deadline = self.clock() - self.heartbeat_timeout - slack
         out = []
         for worker_id in self._by_last_seen:
             if self.workers[worker_id].last_seen >= deadline:
