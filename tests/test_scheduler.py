@@ -207,6 +207,17 @@ def test_result_from_reconnected_worker_wins(s: Scheduler) -> None:
 # -- heartbeats --------------------------------------------------------------------------------------------------
 
 
+def test_expiry_allows_for_the_callers_own_lag(s: Scheduler, clock: FakeClock) -> None:
+    """A foreman whose loop ran late has not read the heartbeats that came meanwhile: expiry with that lag as
+    slack does not count the workers silent for it; a frozen worker is still expired once past timeout + slack."""
+    s.add_worker("a", 1, ENV)  # heard at t=100
+    clock.now = 112.0  # 12 s of silence, timeout 10: but the loop itself was 3 s late
+    assert s.expired() == ["a"]
+    assert s.expired(slack=3.0) == []
+    clock.now = 113.5
+    assert s.expired(slack=3.0) == ["a"]
+
+
 def test_expired_follows_fake_clock(s: Scheduler, clock: FakeClock) -> None:
     """Silence past the timeout expires a worker; touch keeps it alive; order is least recently heard first."""
     s.add_worker("a", 1, ENV)  # t=100
