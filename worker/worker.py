@@ -273,6 +273,8 @@ class Worker:
                     f"Give the CA that signed its certificate with --cafile, or pin the certificate with "
                     f"--fingerprint ({tls.FINGERPRINT_HELP})") from exc
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
+                if isinstance(exc, ConnectionClosed):
+                    _raise_if_refused(exc)  # a token revoked mid-session is as final as one refused at once
                 self.last_error = _describe(exc)
                 worked = self.session.connections != welcomes
                 level = logging.INFO if worked or self._stop.is_set() else logging.WARNING
