@@ -89,7 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     from foreman.client import Foreman
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_signal(sig: int, frame: object) -> None:
+        if stop.is_set():  # a second Ctrl-C or SIGTERM while stopping: stop at once, as kill -9 would
+            print("foreman: stopping at once", file=sys.stderr, flush=True)
+            os._exit(130)
+        stop.set()
+
+    # Both set explicitly: a foreman started with ``&`` from a shell script inherits an ignored SIGINT, and
+    # Python then installs no KeyboardInterrupt for it (the worker does the same with its loop's handlers).
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         fm = Foreman(host=args.host, port=args.port, token=args.token, token_file=args.token_file,
                      local_workers=args.local_workers,
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             stop.wait()
         except KeyboardInterrupt:
             pass
+        print("foreman stopping", flush=True)
+    print("foreman stopped", flush=True)
     return 0
 
 

@@ -498,15 +498,15 @@ class SubmitStream:
         future = self._futures.pop(start, None)
         if future is not None:
             trusted = self._foreman._backend.trust_workers
-            try:
+            try:  # on the event loop: nothing a result's bytes raise may escape (loads_results wraps it all)
                 results, errors = loads_results(payload, 1, trusted)
-            except SerializationError as exc:
-                _settle(future, exc, failed=True)
+                value = rebuild_exception(errors[0], trusted) if errors else results[0]
+            except BaseException as exc:  # noqa: BLE001 - belt and braces: one future fails, the loop lives
+                error = exc if isinstance(exc, SerializationError) else SerializationError(
+                    f"cannot load the result of call {start}: {type(exc).__name__}: {exc}")
+                _settle(future, error, failed=True)
             else:
-                if errors:
-                    _settle(future, rebuild_exception(errors[0], trusted), failed=True)
-                else:
-                    _settle(future, results[0], failed=False)
+                _settle(future, value, failed=bool(errors))
         self._maybe_idle()
 
     def fail(self, start: int, count: int, error: BaseException) -> None:

@@ -8,11 +8,19 @@ The unit of assignment is a :class:`Batch`: a contiguous range of one job's task
 bookkeeping keeps the hot path cheap. A batch's life is one table, :data:`TRANSITIONS`; :func:`_move` is the
 only place a state changes.
 
-Worker loss and poison tasks. When a worker vanishes, each batch it held gets a strike and is requeued as a
-*suspect*. A suspect runs alone: on a worker with nothing else in flight, which gets nothing else until it is done,
-so a second loss can be blamed on that batch. A multi-task batch that loses a second worker is split into single
-tasks (each still a suspect); a single task that loses ``max_task_losses`` workers in a row fails as poison.
-Graceful hand-backs (draining, restart) requeue without a strike.
+Worker loss and poison tasks. When a worker vanishes, or a batch's task process crashes, the batch gets a strike
+and is requeued as a *suspect*. A suspect runs alone: on a worker with nothing else in flight, which gets nothing
+else until it is done, so that what happens next can be blamed on it. A multi-task batch with a second strike is
+split into single tasks (each still a suspect). Graceful hand-backs (draining, restart) requeue without a strike.
+
+A task is declared poison only on evidence that points at it (:func:`poison_verdict`), as BOINC tells error
+results from no-replies. Its task process crashed while the worker lived, ``max_task_losses`` times: that is its
+doing. A lost worker (heartbeat timeout, dropped connection, the whole worker killed) is weak evidence, as volunteers
+vanish all the time: a loss counts only if the task ran *alone* on that worker (a single task, nothing else held),
+and the losses must be more than the fleet's own loss rate explains: each counted loss has the odds that a worker
+of this fleet is lost within the time it ran the task (:meth:`Scheduler.loss_rate`, measured over the fleet's
+worker-seconds), and the task is poison once ``max_task_losses`` such losses have combined odds below
+:data:`POISON_ODDS`, or after ``LOSS_CAP`` times ``max_task_losses`` of them whatever the odds.
 
 Replicas. A job with ``copies`` > 1 (redundancy, spot checks) runs each batch on that many distinct workers, on
 distinct hosts while at least that many hosts are connected. After its first assignment a batch that still
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import random
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -72,6 +81,17 @@ SPECULATION_MIN_AGE = 0.25
 #: job's tail, a batch it holds is copied onto an idle worker as soon as the copy would finish first.
 SLOW_PACE = 2.0
 
+#: Combined odds under which a single task's solo losses are blamed on it: the chance that an innocent task, at the
+#: fleet's measured loss rate, loses that many workers that quickly.
+POISON_ODDS = 1e-3
+#: The fleet's loss rate before it is measured: one worker lost per ten worker-minutes, with the weight of that much
+#: observation (a fleet's measured losses outweigh it after some minutes of a few workers).
+PRIOR_LOSS = 1.0
+PRIOR_SECONDS = 600.0
+#: A task that lost this many times ``max_task_losses`` workers while running alone is poison whatever the odds
+#: (a fleet that loses workers to it also raises its own loss rate; this bounds the workers it can take).
+LOSS_CAP = 3
+
 TERMINAL = frozenset({State.DONE, State.FAILED, State.SPLIT, State.CANCELLED})
 
 
@@ -88,7 +108,9 @@ class Batch:
     count: int
     payload: Pickled
     state: State = State.QUEUED
-    strikes: int = 0  # workers lost in a row while this batch was in flight
+    strikes: int = 0  # workers lost or task processes crashed while this batch was in flight: makes it a suspect
+    crashes: int = 0  # its task process died while the worker lived (evidence against it)
+    solo_losses: list[float] = field(default_factory=list)  # odds of each loss of a worker running it alone
     attempts: int = 0  # times assigned
     holders: set[str] = field(default_factory=set)  # workers it is in flight on
     assigned_at: float = 0.0
@@ -181,6 +203,7 @@ class Worker:
     draining: bool = False
     paused: bool = False  # its owner's rules paused it: it gets nothing new until it resumes
     tasks_done: int = 0
+    joined: float = 0.0  # clock time it connected (the fleet's worker-seconds, for its loss rate)
 
     @property
     def free(self) -> bool:
@@ -206,6 +229,41 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class Evidence:
+    """Why a copy of a batch stopped without results: ``crash`` (its task process died, the worker lived), or a
+    lost worker, ``solo`` if the batch was a single task and all the worker held, ``odds`` the chance that a
+    worker of this fleet is lost within the time it ran the batch."""
+
+    crash: bool = False
+    solo: bool = False
+    odds: float = 1.0
+
+
+def poison_verdict(batch: Batch, max_task_losses: int) -> str | None:
+    """Why a single task is poison, or None while the evidence does not point at it (see the module's notes)."""
+    if batch.count != 1:
+        return None
+    where = f"task {batch.start} of job {batch.job_id}"
+    if max_task_losses == 1 and batch.strikes:  # asked for: a task is not retried after any loss
+        return (f"{where} was in flight on a worker that was lost or crashed ({batch.last_loss}); with "
+                f"max_task_losses=1 it is not retried")
+    if batch.crashes >= max_task_losses:
+        return (f"{where} crashed its task process on {batch.crashes} workers that lived on (last: "
+                f"{batch.last_loss}); it looks like a poison task and is not retried")
+    losses = batch.solo_losses
+    if len(losses) < max_task_losses:
+        return None
+    odds = 1.0
+    for chance in losses:
+        odds *= chance
+    if odds <= POISON_ODDS or len(losses) >= LOSS_CAP * max_task_losses:
+        return (f"{where} was in flight alone on {len(losses)} workers that died while running it (last: "
+                f"{batch.last_loss}); at this fleet's loss rate the odds of that for an innocent task are "
+                f"{odds:.1g}: it looks like a poison task and is not retried")
+    return None
+
+
+@dataclass(frozen=True)
 class Failure:
     """A batch failed for good (poison task); its tasks get ``reason`` as their error."""
 
@@ -221,7 +279,9 @@ class Scheduler:
         sooner; too short declares slow links dead and reruns their work.
     :param prefetch: batches queued on a worker beyond its running slots, so it never waits for its next batch.
         Each costs memory on the worker and work redone if the worker is lost.
-    :param max_task_losses: a task in flight on this many workers that died in a row is failed as poison.
+    :param max_task_losses: a task is failed as poison after its task process crashed on this many workers, or
+        after this many workers running it alone were lost, more than the fleet's loss rate explains (see
+        :func:`poison_verdict`). 1: a single task is not retried after any loss or crash.
     :param speculation: when a job has no queued batch for an idle worker (its tail, or an ordered job held up
         by its oldest batch), a batch in flight for longer than this many times the job's typical time (and at
         least :data:`SPECULATION_MIN_AGE`) is also started on the idle worker, and so is, at once, a batch held
@@ -243,6 +303,7 @@ class Scheduler:
         self.heartbeat_timeout = heartbeat_timeout
         self.prefetch = prefetch
         self.max_task_losses = max_task_losses
+        self.loss_resolution = heartbeat_timeout / 6  # how well a worker's last sign of life is known (a heartbeat)
         self.speculation = speculation
         self.rng = rng or random.Random()
         self.jobs: dict[int, Job] = {}
@@ -264,6 +325,8 @@ class Scheduler:
         self.speculated = 0
         self.duplicates_dropped = 0
         self.workers_lost = 0
+        self._worker_seconds = 0.0  # connected time of the workers that left (see loss_rate)
+        self._background_lost = 0  # workers lost while not running a single suspect task alone
         self.replicas_added = 0  # copies asked for beyond a job's redundancy, after disagreements
         self._hosts: Counter[str] = Counter()  # connected workers per host
 
@@ -279,7 +342,7 @@ class Scheduler:
             raise ValueError("a worker needs at least one slot")
         prefetch = slots if self.prefetch is None else self.prefetch
         worker = Worker(worker_id, slots, env, slots + prefetch, self.clock(), frozenset(capabilities),
-                        dict(resources or {}), host or f"worker:{worker_id}", trusted, barred)
+                        dict(resources or {}), host or f"worker:{worker_id}", trusted, barred, joined=self.clock())
         self.workers[worker_id] = worker
         self._hosts[worker.host] += 1
         self.capacity += worker.capacity
@@ -295,9 +358,10 @@ class Scheduler:
             worker.last_seen = self.clock()
             self._by_last_seen.move_to_end(worker_id)
 
-    def expired(self) -> list[str]:
-        """Workers silent for longer than the heartbeat timeout. The caller removes them."""
-        deadline = self.clock() - self.heartbeat_timeout
+    def expired(self, slack: float = 0.0) -> list[str]:
+        """Workers silent for longer than the heartbeat timeout (plus ``slack``: how late the caller's own loop
+        may be in reading their messages). The caller removes them."""
+        deadline = self.clock() - self.heartbeat_timeout - slack
         out = []
         for worker_id in self._by_last_seen:
             if self.workers[worker_id].last_seen >= deadline:
@@ -321,6 +385,8 @@ class Scheduler:
     def remove_worker(self, worker_id: str, lost: bool) -> list[Failure]:
         """Forget a worker and requeue what it held: with a strike if ``lost``, without if it left cleanly."""
         worker = self.workers.pop(worker_id)
+        now = self.clock()
+        self._worker_seconds += max(0.0, now - worker.joined)
         self.capacity -= worker.capacity
         self.slots -= worker.slots
         self._hosts[worker.host] -= 1
@@ -336,14 +402,33 @@ class Scheduler:
             if job is not None:
                 job.pace.pop(worker_id, None)
                 job.slow.pop(worker_id, None)
+        solo = len(worker.batches) == 1
+        judged = solo and any(b.count == 1 and b.suspect for b in worker.batches.values())
         if lost:
             self.workers_lost += 1
+            if not judged:  # a worker lost while running a suspect alone is what is being judged, not the fleet
+                self._background_lost += 1
         failures = []
+        rate = self.loss_rate() if lost else 0.0
         for batch in worker.batches.values():
-            failure = self._drop_copy(batch, worker_id, strike=lost, reason=f"worker {worker_id} was lost")
+            evidence = None
+            if lost:  # the odds that a worker is lost within the time this one ran the batch, heard alive
+                ran = max(0.0, worker.last_seen - batch.assigned_at) + self.loss_resolution
+                evidence = Evidence(solo=solo and batch.count == 1, odds=1.0 - math.exp(-rate * ran))
+            failure = self._drop_copy(batch, worker_id, strike=lost, reason=f"worker {worker_id} was lost",
+                                      evidence=evidence)
             if failure:
                 failures.append(failure)
         return failures
+
+    def loss_rate(self) -> float:
+        """Workers lost per worker-second connected over this run, leaving out those lost while running a
+        single suspect task alone (the losses being judged): the fleet's own loss rate, which a task's losses
+        are judged against. It starts from a prior of :data:`PRIOR_LOSS` lost per :data:`PRIOR_SECONDS`, so that
+        a young fleet's first loss does not read as a storm."""
+        now = self.clock()
+        seconds = self._worker_seconds + sum(now - w.joined for w in self.workers.values())
+        return (self._background_lost + PRIOR_LOSS) / (seconds + PRIOR_SECONDS)
 
     def bar(self, worker_id: str, reason: str) -> list[Batch]:
         """The worker gets no more work (quarantined, banned); returns the batches it held, requeued without a
@@ -554,7 +639,7 @@ class Scheduler:
         if batch is None or worker is None or worker_id not in batch.holders:
             return None
         self._release(worker, batch.key)
-        return self._drop_copy(batch, worker_id, strike=True, reason=reason)
+        return self._drop_copy(batch, worker_id, strike=True, reason=reason, evidence=Evidence(crash=True))
 
     # -- assignment ------------------------------------------------------------------------------------------
 
@@ -828,7 +913,8 @@ class Scheduler:
         job.replicas[batch.start] = batch
         self._mark_runnable(job)
 
-    def _drop_copy(self, batch: Batch, worker_id: str, strike: bool, reason: str) -> Failure | None:
+    def _drop_copy(self, batch: Batch, worker_id: str, strike: bool, reason: str,
+                   evidence: Evidence | None = None) -> Failure | None:
         """One copy of ``batch`` stopped without results (lost, crashed, handed back)."""
         batch.holders.discard(worker_id)
         batch.hosts.pop(worker_id, None)
@@ -843,6 +929,11 @@ class Scheduler:
         job = self.jobs[batch.job_id]
         if job.replicas.pop(batch.start, None) is not None:
             self._refresh_runnable(job)
+        if evidence is not None and batch.count == 1:
+            if evidence.crash:
+                batch.crashes += 1
+            elif evidence.solo:
+                batch.solo_losses.append(evidence.odds)
         return self._requeue(batch, strike, reason)
 
     def _requeue(self, batch: Batch, strike: bool, reason: str) -> Failure | None:
@@ -856,13 +947,12 @@ class Scheduler:
         batch.strikes += 1
         batch.last_loss = reason
         self.reassigned += 1
-        if batch.count == 1 and batch.strikes >= self.max_task_losses:
+        verdict = poison_verdict(batch, self.max_task_losses)
+        if verdict is not None:
             _move(batch, Event.FAIL)
             del job.live[batch.start]
             job.tasks_failed += 1
-            return Failure(batch, f"task {batch.start} of job {batch.job_id} was in flight on "
-                                  f"{batch.strikes} workers that died in a row (last: {reason}); "
-                                  f"it looks like a poison task and is not retried")
+            return Failure(batch, verdict)
         if batch.count > 1 and batch.strikes >= 2:
             _move(batch, Event.SPLIT)
             singles = list(_split(batch))

@@ -207,7 +207,7 @@ def loads_results(payload: bytes | memoryview, count: int,
     else:
         try:
             outcome = pickle.loads(payload)
-        except Exception as exc:
+        except BaseException as exc:  # the worker's bytes run here: SystemExit from a __reduce__ is their doing
             raise SerializationError(f"cannot unpickle a result batch: {type(exc).__name__}: {exc}") from exc
     if not (isinstance(outcome, tuple) and len(outcome) == 2 and isinstance(outcome[0], list)
             and isinstance(outcome[1], dict) and len(outcome[0]) == count):
@@ -228,7 +228,7 @@ def rebuild_exception(entry: ErrorEntry, trusted: bool = True) -> BaseException:
     if data is not None:
         try:
             exc = pickle.loads(data) if trusted else safe_loads(data)
-        except Exception:
+        except BaseException:  # noqa: BLE001 - a worker's bytes: whatever they raise, report the error as text
             exc = None
     if not isinstance(exc, BaseException):
         if type_name == "foreman.errors.SerializationError":

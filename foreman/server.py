@@ -165,6 +165,8 @@ class ForemanServer:
         self._ticker: asyncio.Task[None] | None = None
         self._speculation_timer: asyncio.TimerHandle | None = None  # see _arm_speculation
         self._waiting_logged: set[int] = set()
+        self._tick_errors: dict[str, str] = {}  # tick step -> its last error logged (each logged once)
+        self._loop_lag = 0.0  # seconds the ticker recently woke late: the loop's own delay in reading heartbeats
         self.closing = False
         self.fleet = Fleet()
         self.checkpoints: dict[int, dict[int, bytes]] = {}  # job -> task -> latest saved state (pickled)
@@ -577,7 +579,10 @@ class ForemanServer:
         failures = self.scheduler.remove_worker(peer.worker_id, lost)
         now = time.time()
         self.fleet.worker_left(now, peer.worker_id, lost, reason)
-        self.journal.worker_left(peer.worker_id, reason)
+        if not self.closing:
+            # A foreman that stops keeps its workers journaled as connected: they keep what they run and hold,
+            # and the next run awaits them (recovery_window) before running their batches anywhere else.
+            self.journal.worker_left(peer.worker_id, reason)
         if lost:
             log.warning("worker %s lost (%s); its %s batches are reassigned", peer.worker_id, reason, held,
                         extra={"worker": peer.worker_id})
@@ -689,6 +694,8 @@ class ForemanServer:
     def _pump(self) -> None:
         """Send whatever the scheduler assigns now. A job's sink hears that a batch starts before it is first
         sent, and may refuse (its future was cancelled meanwhile): then it is not sent, and is cancelled."""
+        if self.closing:
+            return  # a stopping foreman starts nothing: what its workers gave up runs in its next run
         refused: list[tuple[int, int]] = []
         for assignment in self.scheduler.dispatch():
             batch = assignment.batch
@@ -748,16 +755,37 @@ class ForemanServer:
 
     async def _tick_forever(self) -> None:
         period = min(1.0, self.heartbeat_interval / 2)
+        loop = asyncio.get_running_loop()
         while True:
+            asleep = loop.time()
             await asyncio.sleep(period)
+            # How late this tick woke: the loop was that busy, and heartbeats that arrived meanwhile may still be
+            # unread in the sockets. Expiry allows the recent worst of it, so that overload does not make healthy
+            # workers look lost (it decays: a frozen worker is still found within a tick or two of the timeout).
+            lag = max(0.0, loop.time() - asleep - period)
+            self._loop_lag = max(lag, self._loop_lag * 0.9)
             self.tick()
 
     def tick(self) -> None:
-        """Declare silent workers lost, apply token revocations, sample activity, say why waiting jobs wait."""
-        self.fleet.sample(time.time())
-        self.clients.tick(time.monotonic())
-        self.journal.purge()
-        self._save_state()
+        """Declare silent workers lost, apply token revocations, sample activity, say why waiting jobs wait.
+
+        Each step is guarded: an exception in one (a journal that cannot be written, a bug) is logged and the
+        others still run, this tick and every later one; above all, silent workers are still declared lost."""
+        steps = (("expiry", self._expire_silent), ("fleet sample", lambda: self.fleet.sample(time.time())),
+                 ("clients", lambda: self.clients.tick(time.monotonic())), ("journal purge", self.journal.purge),
+                 ("saving state", self._save_state), ("token reload", self._apply_revocations),
+                 ("stalled readers", self._drop_stalled),
+                 ("dispatch", self._pump),  # a batch may have become slow enough to run a second copy of
+                 ("waiting jobs", self._log_waiting))
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - logged; the next step and the next tick go on
+                if self._tick_errors.get(name) != repr(exc):  # once per distinct error, not once a tick
+                    self._tick_errors[name] = repr(exc)
+                    log.exception("tick: %s failed (the other steps go on): %s", name, exc)
+
+    def _apply_revocations(self) -> None:
         revoked = self.auth.reload_if_changed()
         for peer in revoked_connections(((p, p.principal) for p in self.peers.values()), revoked):
             log.warning("worker %s: its token was revoked, disconnecting it", peer.worker_id,
@@ -765,13 +793,17 @@ class ForemanServer:
             self._drop(peer, lost=False, reason="token revoked")
             _close_soon(peer.ws, CloseCode.AUTH_FAILED, "token revoked")
         self.clients.revoke(revoked)
+
+    def _drop_stalled(self) -> None:
         now = time.monotonic()
         for peer in [p for p in self.peers.values() if p.outbound.stalled(now, self.heartbeat_timeout)]:
             log.warning("worker %s has read nothing for %.0fs: dropping it", peer.worker_id, self.heartbeat_timeout,
                         extra={"worker": peer.worker_id})
             self._drop(peer, lost=True, reason="does not read what it is sent")
             peer.ws.transport.abort()  # a close handshake would queue behind what it does not read
-        for worker_id in self.scheduler.expired():
+
+    def _expire_silent(self) -> None:
+        for worker_id in self.scheduler.expired(slack=self._loop_lag):
             peer = self.peers.get(worker_id)
             if peer is None:
                 continue
@@ -779,12 +811,17 @@ class ForemanServer:
                         extra={"worker": worker_id})
             self._drop(peer, lost=True, reason=f"no heartbeat for {self.heartbeat_timeout:g}s")
             _close_soon(peer.ws, CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat within the timeout")
-        self._pump()  # a batch may have become slow enough to run a second copy of
+
+    def _log_waiting(self) -> None:
         for job in self.scheduler.jobs.values():
             if job.has_queued and job.id not in self._waiting_logged and time.monotonic() - job.created > 2:
                 if not self.scheduler.can_be_served(job):
                     self._waiting_logged.add(job.id)
-                    message = f"job {job.id} is waiting: no connected worker has {_needs(job)}"
+                    if self.scheduler.workers:
+                        message = f"job {job.id} is waiting: no connected worker has {_needs(job)}"
+                    else:
+                        message = (f"job {job.id} is waiting: no worker is connected (start one with "
+                                   f"python -m worker {self.address})")
                     log.warning("%s", message, extra={"job": job.id})
                     self.fleet.event(time.time(), "waiting", message)
 

@@ -81,11 +81,11 @@ def same(a: Any, b: Any) -> bool:
     try:
         if a == b:
             return True
-    except Exception:  # numpy arrays refuse bool(); fall back to the bytes
+    except BaseException:  # noqa: BLE001 - numpy arrays refuse bool(); a user __eq__ may raise anything
         pass
     try:
         return pickle.dumps(a) == pickle.dumps(b)
-    except Exception:
+    except BaseException:  # noqa: BLE001 - on the event loop: no user object may stop it
         return False
 
 
@@ -95,7 +95,7 @@ def _agree(x: tuple[bool, Any], y: tuple[bool, Any], comparator: Callable[[Any, 
         return x_failed and y_failed and tuple(x_value[1:3]) == tuple(y_value[1:3])
     try:
         return bool(comparator(x_value, y_value))
-    except Exception:
+    except BaseException:  # noqa: BLE001 - on the event loop: no user code may stop it
         log.exception("the job's comparator raised; the two results count as disagreeing")
         return False
 

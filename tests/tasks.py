@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -156,3 +157,21 @@ def large_block_faults() -> int:
         blocks = [bytearray(4 << 20) for _ in range(3)]
         del blocks
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def _raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+class ExitOnLoad:
+    """Pickles fine; unpickling it raises SystemExit (or KeyboardInterrupt): a result that attacks its reader."""
+
+    def __init__(self, interrupt: bool = False) -> None:
+        self.interrupt = interrupt
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (_raise_keyboard_interrupt, ()) if self.interrupt else (sys.exit, (3,))
+
+
+def exit_on_load(interrupt: bool) -> ExitOnLoad:
+    return ExitOnLoad(interrupt)

@@ -7,9 +7,9 @@ import traceback
 
 import pytest
 
-from foreman import Foreman
+from foreman import Foreman, ForemanExecutor
 from foreman.errors import RemoteError, RemoteTraceback, SerializationError
-from tasks import CustomError, boom, exit_task, return_lock, square
+from tasks import CustomError, boom, exit_on_load, exit_task, return_lock, square
 
 
 def test_task_exception_is_reraised_with_its_type_and_remote_traceback(fm: Foreman) -> None:
@@ -104,3 +104,43 @@ def test_an_argument_over_the_message_limit_is_refused() -> None:
 def test_not_callable() -> None:
     with Foreman(port=0) as fm, pytest.raises(TypeError, match="callable"):
         fm.submit(42)
+
+
+def _closes_within(foreman_like: object, seconds: float = 30.0) -> bool:
+    """Close (shutdown) in a daemon thread: True if it returned in time (a dead event loop makes it hang)."""
+    close = getattr(foreman_like, "shutdown", None) or getattr(foreman_like, "close")
+    thread = threading.Thread(target=close, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive()
+
+
+@pytest.mark.parametrize("interrupt", [False, True], ids=["SystemExit", "KeyboardInterrupt"])
+def test_a_result_that_raises_systemexit_when_unpickled_fails_only_its_future(interrupt: bool) -> None:
+    """Unpickling a result runs the worker's bytes: one whose __reduce__ raises SystemExit or KeyboardInterrupt
+    must fail its own future with a clear error, not kill the foreman's event loop (then later submits hang and
+    close() never returns)."""
+    fm = Foreman(port=0, local_workers=1, dashboard=False, heartbeat_interval=0.2, heartbeat_timeout=1.5)
+    try:
+        fm.wait_for_workers(1, timeout=30)
+        error = fm.submit(exit_on_load, interrupt).exception(timeout=30)
+        assert isinstance(error, SerializationError), error
+        assert ("SystemExit" if not interrupt else "KeyboardInterrupt") in str(error)
+        assert fm.submit(square, 7).result(timeout=30) == 49
+        assert list(fm.imap(square, range(5), timeout=30)) == [0, 1, 4, 9, 16]
+        with pytest.raises(SerializationError):  # map decodes in the caller's thread: the same clear error
+            fm.map(exit_on_load, [interrupt], timeout=30)
+    finally:
+        assert _closes_within(fm), "close() did not return: the foreman's event loop died"
+
+
+@pytest.mark.parametrize("interrupt", [False, True], ids=["SystemExit", "KeyboardInterrupt"])
+def test_an_executor_survives_a_result_that_raises_when_unpickled(interrupt: bool) -> None:
+    executor = ForemanExecutor(max_workers=1, dashboard=False, heartbeat_interval=0.2, heartbeat_timeout=1.5)
+    try:
+        error = executor.submit(exit_on_load, interrupt).exception(timeout=30)
+        assert isinstance(error, SerializationError), error
+        assert executor.submit(square, 6).result(timeout=30) == 36
+        assert list(executor.map(square, range(3), timeout=30)) == [0, 1, 4]
+    finally:
+        assert _closes_within(executor), "shutdown() did not return: the foreman's event loop died"

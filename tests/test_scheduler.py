@@ -207,6 +207,17 @@ def test_result_from_reconnected_worker_wins(s: Scheduler) -> None:
 # -- heartbeats --------------------------------------------------------------------------------------------------
 
 
+def test_expiry_allows_for_the_callers_own_lag(s: Scheduler, clock: FakeClock) -> None:
+    """A foreman whose loop ran late has not read the heartbeats that came meanwhile: expiry with that lag as
+    slack does not count the workers silent for it; a frozen worker is still expired once past timeout + slack."""
+    s.add_worker("a", 1, ENV)  # heard at t=100
+    clock.now = 112.0  # 12 s of silence, timeout 10: but the loop itself was 3 s late
+    assert s.expired() == ["a"]
+    assert s.expired(slack=3.0) == []
+    clock.now = 113.5
+    assert s.expired(slack=3.0) == ["a"]
+
+
 def test_expired_follows_fake_clock(s: Scheduler, clock: FakeClock) -> None:
     """Silence past the timeout expires a worker; touch keeps it alive; order is least recently heard first."""
     s.add_worker("a", 1, ENV)  # t=100
@@ -309,13 +320,16 @@ def test_multi_task_batch_split_after_second_loss(s: Scheduler) -> None:
     assert s.complete("w3", job.id, 10, 3) is None  # a stale result for the old, split batch
 
 
-def test_poison_task_fails_after_max_losses(s: Scheduler) -> None:
-    """A single task on three workers that died in a row fails, naming the task and job."""
+def test_poison_task_fails_after_max_losses(s: Scheduler, clock: FakeClock) -> None:
+    """A single task on three workers that died at once while running it alone, on a fleet that otherwise loses
+    few workers, fails, naming the task and job."""
     job = s.add_job(ENV)
     batch = add(s, job.id, 5)
     s.close_input(job.id)
     for n in range(1, 4):
         s.add_worker(f"w{n}", 1, ENV)
+        clock.now += 60  # the fleet has been up a while: its loss rate is low
+        s.touch(f"w{n}")
         assert [a.batch for a in s.dispatch()] == [batch]
         failures = s.remove_worker(f"w{n}", lost=True)
         if n < 3:
@@ -401,6 +415,99 @@ def test_a_paused_worker_gets_nothing_new_until_it_resumes(clock: FakeClock) -> 
     s.pause_worker("a", True)
     s.pause_worker("a", True)  # a fresh reason for the same pause changes nothing
     assert not s.workers["a"].free
+
+
+def _churn(s: Scheduler, clock: FakeClock, losses: int, seconds: float, fleet: int = 4) -> None:
+    """Background churn: ``fleet`` idle workers up for ``seconds``, ``losses`` of them lost (and replaced)."""
+    ids = [f"bg{i}" for i in range(fleet)]
+    for worker_id in ids:
+        s.add_worker(worker_id, 1, ENV)
+    for n in range(losses):
+        clock.now += seconds / max(losses, 1)
+        victim = ids[n % fleet]
+        s.remove_worker(victim, lost=True)
+        ids[n % fleet] = f"{victim}+"
+        s.add_worker(ids[n % fleet], 1, ENV)
+    if not losses:
+        clock.now += seconds
+    for worker_id in ids:
+        s.remove_worker(worker_id, lost=False)
+
+
+def _lose_alone(s: Scheduler, clock: FakeClock, batch: Batch, worker_id: str, ran: float) -> list[Failure]:
+    """``batch`` runs alone on a fresh worker for ``ran`` seconds (heard from all along), then the worker is lost."""
+    s.add_worker(worker_id, 1, ENV)
+    assert [a.batch for a in s.dispatch()] == [batch]
+    clock.now += ran
+    s.touch(worker_id)
+    return s.remove_worker(worker_id, lost=True)
+
+
+def test_split_tasks_are_not_poison_for_losses_of_the_batch_they_were_in(s: Scheduler, clock: FakeClock) -> None:
+    """The false verdict of issue 18: a batch of many tasks loses two workers to churn and is split; each single
+    task inherits its strikes, and one more worker lost while running one of them declared it poison. Losses of a
+    batch say nothing about which task (if any) is at fault: only the task's own losses count."""
+    job = s.add_job(ENV)
+    big = s.add_batch(job.id, 0, 4, dumps_items(list(range(4)), 0))
+    for n in (1, 2):
+        s.add_worker(f"w{n}", 1, ENV)
+        s.dispatch()
+        clock.now += 5
+        s.remove_worker(f"w{n}", lost=True)
+    assert big.state is State.SPLIT
+    single = job.live[0]
+    assert single.strikes == 2
+    assert _lose_alone(s, clock, single, "w3", ran=2.0) == []
+    assert single.state is State.QUEUED and len(single.solo_losses) == 1
+
+
+def test_a_fleet_that_loses_workers_often_does_not_blame_a_long_task_lost_with_them(s: Scheduler,
+                                                                                    clock: FakeClock) -> None:
+    """Workers vanish every few seconds; a 20 s task lost three times while running alone is within what that
+    churn explains: it is retried, not failed. (Without a bound it would be retried forever: LOSS_CAP.)"""
+    _churn(s, clock, losses=40, seconds=100)  # 4 workers, 40 lost in 100 s: one every 10 worker-seconds
+    job = s.add_job(ENV)
+    batch = add(s, job.id, 0)
+    for n in range(3):
+        assert _lose_alone(s, clock, batch, f"w{n}", ran=20.0) == []
+    assert len(batch.solo_losses) == 3 and batch.state is State.QUEUED
+    failures: list[Failure] = []
+    n = 3
+    while not failures:
+        failures = _lose_alone(s, clock, batch, f"w{n}", ran=20.0)
+        n += 1
+    assert n == sched.LOSS_CAP * s.max_task_losses
+    assert "poison" in failures[0].reason
+
+
+@pytest.mark.parametrize("churn, needed", [(0, 3), (4, 3), (40, 3), (150, 5), (400, 9)])
+def test_a_task_that_kills_every_worker_at_once_is_poison_even_under_churn(s: Scheduler, clock: FakeClock,
+                                                                           churn: int, needed: int) -> None:
+    """Workers lost the moment they run it alone: after max_task_losses (3) of them, on a calm fleet and on one
+    that loses a worker every 10 worker-seconds (as heavy as the chaos suite's churn); in a storm where quick losses
+    happen to innocent tasks too, after more of them, and at worst after LOSS_CAP times max_task_losses."""
+    _churn(s, clock, losses=churn, seconds=100)
+    job = s.add_job(ENV)
+    batch = add(s, job.id, 7)
+    failures: list[Failure] = []
+    lost = 0
+    while not failures:
+        failures = _lose_alone(s, clock, batch, f"w{lost}", ran=0.0)
+        lost += 1
+    assert lost == needed
+    reason = failures[0].reason
+    assert f"task 7 of job {job.id}" in reason and f"alone on {needed} workers" in reason and "poison" in reason
+
+
+def test_the_fleets_loss_rate_leaves_out_the_losses_being_judged(s: Scheduler, clock: FakeClock) -> None:
+    _churn(s, clock, losses=4, seconds=100)
+    rate = s.loss_rate()
+    assert rate == pytest.approx((4 + sched.PRIOR_LOSS) / (400 + sched.PRIOR_SECONDS))
+    job = s.add_job(ENV)
+    batch = add(s, job.id, 0)
+    batch.strikes = 1  # a suspect: its losses while alone are what is judged
+    _lose_alone(s, clock, batch, "w", ran=0.0)
+    assert s.workers_lost == 5 and s.loss_rate() == pytest.approx(rate, rel=0.01)
 
 
 def test_crashed_counts_as_strike(s: Scheduler) -> None:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -52,6 +53,8 @@ class Service:
         self.port = 0
         self.process: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
+        self.stamps: list[tuple[float, str]] = []  # (monotonic time read, line): for timing reconnects
+        self.ready_at = 0.0  # monotonic time of the last "foreman ready" line
         self.workers: list[subprocess.Popen[str]] = []
 
     @property
@@ -70,6 +73,7 @@ class Service:
             found = re.search(r"foreman ready at ws://127\.0\.0\.1:(\d+)", line)
             if found:
                 self.port = int(found.group(1))
+                self.ready_at = time.monotonic()
                 break
         else:
             raise AssertionError("the foreman did not start:\n" + "".join(self.lines))
@@ -80,6 +84,7 @@ class Service:
         assert process.stdout is not None
         for line in process.stdout:
             self.lines.append(line)
+            self.stamps.append((time.monotonic(), line))
 
     def add_workers(self, n: int, *args: str) -> None:
         for index in range(n):
@@ -91,6 +96,22 @@ class Service:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
+
+    def signal(self, sig: int) -> None:
+        """Stop the foreman with ``sig`` (SIGINT, SIGTERM: graceful) and wait for it to exit."""
+        assert self.process is not None
+        self.process.send_signal(sig)
+        self.process.wait(timeout=30)
+
+    def joined_within(self, worker_ids: set[str], timeout: float) -> float:
+        """Seconds from this run's "foreman ready" to the last of ``worker_ids`` joining it."""
+        ready = self.ready_at
+
+        def joined() -> dict[str, float]:
+            return {m.group(1): at for at, line in list(self.stamps) if at >= ready
+                    for m in [re.search(r"worker (\S+) joined", line)] if m}
+        wait_until(lambda: worker_ids <= set(joined()), timeout=timeout)
+        return max(joined()[w] for w in worker_ids) - ready
 
     def stop(self) -> None:
         for worker in self.workers:
@@ -186,6 +207,34 @@ def test_foreman_killed_mid_job_resumes_without_running_anything_twice(tmp_path:
             assert sorted(executions(log)) == list(range(80))
             assert any("resumed from the journal" in line for line in service.lines)
             print("".join(line for line in service.lines if "held" in line or "resumed" in line))
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_foreman_stopped_gracefully_mid_job_runs_nothing_twice(tmp_path: Path, sig: int) -> None:
+    """A graceful stop (Ctrl-C, SIGTERM) of the foreman mid-job is at least as safe as kill -9: the workers keep
+    the batches they run and the results they hold, hand them in when it is back, and no task runs twice. They
+    are back within a second of it listening again. Speculative copies are off (they run tasks twice on purpose)."""
+    service = Service(tmp_path, "--speculation", "0").start()
+    log = str(tmp_path / "executions.log")
+    n = 240
+    try:
+        service.add_workers(2)
+        with connect(service) as fm:
+            job_id = fm.submit_job(logged_square, range(n), [log] * n, [0.05] * n).id
+        wait_until(lambda: len(executions(log)) >= 40, timeout=60)
+        service.signal(sig)
+        assert service.process is not None and service.process.returncode == 0, "".join(service.lines[-20:])
+        service.start()
+        back = service.joined_within({"w0-0", "w1-1"}, timeout=30)
+        with connect(service) as fm:
+            assert fm.job(job_id).results(timeout=120) == [x * x for x in range(n)]
+        ran = executions(log)
+        repeated = sorted(x for x, c in collections.Counter(ran).items() if c > 1)
+        assert sorted(set(ran)) == list(range(n))
+        assert not repeated, f"{len(repeated)} tasks ran twice after a graceful stop: {repeated[:20]}\n" + "".join(service.lines[-40:])
+        assert back < 1.0, f"the workers took {back:.2f}s to come back"
     finally:
         service.stop()
 

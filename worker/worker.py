@@ -26,12 +26,12 @@ from foreman import local_link, protocol, tls
 from foreman.errors import AuthenticationError, ProtocolError, VersionMismatchError
 from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
-from foreman.retry import backoff_delay
 from worker import pause, sysinfo
 from worker.config import WorkerConfig
 from worker.executor import Executor, Outcome, WorkItem
 from worker.history import BatchHistory
 from worker.policy import Sampler
+from worker.session import Key, Session
 
 if TYPE_CHECKING:
     from worker.dashboard import Dashboard
@@ -75,7 +75,8 @@ class Worker:
         self._sampler = sampler
         self._grace: asyncio.Task[None] | None = None  # lets running tasks finish after a pause, then hands back
         self.stats = WorkerStats()
-        self.connected = False
+        # Reconnect backoff, results the foreman has not confirmed, what a close keeps (see worker.session).
+        self.session = Session(max_delay=config.reconnect_max_delay)
         self.connected_at: float | None = None  # wall-clock time of the current connection's WELCOME
         self.last_error: str | None = None  # how the last connection attempt or connection ended
         self.draining = False
@@ -84,12 +85,7 @@ class Worker:
         self.dashboard: Dashboard | None = None
         self._ws: Link | None = None
         self._outbound: Outbound | None = None
-        self._outbox: list[bytes] = []  # results finished while disconnected, sent on the next connection
-        # Results a foreman with a journal has not confirmed yet (RECEIVED): sent again if it restarts meanwhile.
-        self._unconfirmed: dict[tuple[int, int, int], bytes] = {}
-        self._confirms = False
         self._session = 0
-        self._foreman_session: str | None = None  # the foreman's own id (WELCOME): a new one means a new foreman
         self._resume: dict[tuple[int, int], bytes] = {}  # (job, task) -> checkpoint to resume it from
         # job id -> (digest, function bytes, call style, the job's task_timeout or None)
         self._jobs: dict[int, tuple[str, bytes, str, float | None]] = {}
@@ -103,6 +99,15 @@ class Worker:
         self._signals = 0
 
     # -- public ----------------------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.session.connected
+
+    @property
+    def _foreman_session(self) -> str | None:
+        """The session id of the foreman whose work this worker holds (a new one means a new foreman)."""
+        return self.session.foreman
 
     @property
     def status(self) -> str:
@@ -132,11 +137,14 @@ class Worker:
         try:
             await self._connect_loop()
         finally:
+            self.session.stop()
             for task in watchers:
                 task.cancel()
             if self.dashboard is not None:
                 await self.dashboard.close()
+            running = self.executor.busy
             self.executor.close()
+            log.info("%s", self.session.stop_report(running))
         if self._reexec:
             reexec(self.config.worker_id)
 
@@ -244,13 +252,13 @@ class Worker:
 
     async def _connect_loop(self) -> None:
         assert self._stop is not None and self._wake is not None
-        attempt = 0
         context = _client_tls(self.config)
         if self.config.token_in_clear:
             log.warning("the token travels in clear text over ws:// to %s, readable on the network like the code "
                         "and data: prefer wss:// (a foreman with --certfile, a worker with --cafile or "
                         "--fingerprint)", self.config.foreman_url)
         while not self._stop.is_set():
+            welcomes = self.session.connections
             try:
                 async with self._dial(context) as ws:
                     self._ws = ws
@@ -265,16 +273,18 @@ class Worker:
                     f"Give the CA that signed its certificate with --cafile, or pin the certificate with "
                     f"--fingerprint ({tls.FINGERPRINT_HELP})") from exc
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
+                if isinstance(exc, ConnectionClosed):
+                    _raise_if_refused(exc)  # a token revoked mid-session is as final as one refused at once
                 self.last_error = _describe(exc)
-                level = logging.INFO if self.connected or self._stop.is_set() else logging.WARNING
+                worked = self.session.connections != welcomes
+                level = logging.INFO if worked or self._stop.is_set() else logging.WARNING
                 log.log(level, "connection to %s ended: %s", self.config.foreman_url, _describe(exc))
             except InvalidURI as exc:
                 raise FatalConnectionError(str(exc)) from exc
             finally:
                 self._ws = None
-                if self.connected:
-                    attempt = 0
-                self.connected = False
+                if self.session.connections == welcomes:
+                    self.session.refused(time.monotonic())
             if self._stop.is_set() or self.draining:
                 break
             if not self.config.auto_restart:
@@ -283,8 +293,7 @@ class Worker:
             if self._reconnect_now:
                 self._reconnect_now = False
                 continue
-            delay = backoff_delay(attempt, self.config.reconnect_max_delay)
-            attempt += 1
+            delay = self.session.next_delay(time.monotonic())
             log.info("reconnecting in %.1fs", delay)
             self._wake.clear()
             try:
@@ -315,10 +324,10 @@ class Worker:
         self._session += 1
         self._jobs.clear()
         self._resume.clear()
-        if welcome.header["session"] != self._foreman_session:
-            self._forget_foreman()  # a restarted or different foreman: old work means nothing to it
-            self._foreman_session = welcome.header["session"]
-        self.connected = True
+        other, resend = self.session.welcomed(time.monotonic(), welcome.header["session"],
+                                              bool(welcome.header.get("confirms_results")))
+        if other and self.executor is not None:  # a different foreman: old work means nothing to it
+            self.executor.stop_items(protocol.STATUS_CANCELLED)
         self.connected_at = time.time()
         self.last_error = None
         self.stats.connections += 1
@@ -327,14 +336,11 @@ class Worker:
         self._last_heard = time.monotonic()
         log.info("connected to %s as %s (session %s)", self.config.foreman_url, self.config.worker_id,
                  welcome.header["session"])
-        self._confirms = bool(welcome.header.get("confirms_results"))
         self._outbound = Outbound(ws)
         if self.paused_reason is not None:
             self._send(protocol.encode(Kind.PAUSE, {"paused": True, "reason": self.paused_reason}))
-        queued = {id(data) for data in self._outbox}
-        for data in [*self._outbox, *(d for d in self._unconfirmed.values() if id(d) not in queued)]:
+        for data in resend:
             self._outbound.send(data)
-        self._outbox.clear()
         tasks = [asyncio.create_task(self._outbound.run()), asyncio.create_task(self._heartbeats(ws))]
         try:
             await local_link.handle_each(ws, self._on_frame)
@@ -344,30 +350,21 @@ class Worker:
         finally:
             for task in tasks:
                 task.cancel()
-            self.connected = False
             self.last_error = _describe_close(ws)
-            self._salvage(self._outbound)
+            forget = self.session.closed(time.monotonic(), ws.close_code, self._unwritten(self._outbound))
             self._outbound = None
             if self.executor is not None:
                 # Unstarted batches are requeued by the foreman when it sees us go; running ones finish and
                 # their results are offered on the next connection.
                 self.executor.stop_items(protocol.STATUS_RETURNED, kill_running=False)
-        if ws.close_code == CloseCode.SHUTTING_DOWN:
-            self._forget_foreman()  # leave no task of a foreman that is gone running
+                if forget:  # SHUTTING_DOWN: leave no task of a foreman that is gone running
+                    self.executor.stop_items(protocol.STATUS_CANCELLED)
         if ws.close_code is not None:
             _raise_if_refused_code(ws.close_code, ws.close_reason)
 
     def _on_frame(self, data: bytes | bytearray) -> None:
         self._last_heard = time.monotonic()
         self._handle(protocol.decode(data, self.config.max_message_size))
-
-    def _forget_foreman(self) -> None:
-        """Drop results for, and kill tasks of, the foreman we were serving."""
-        self._outbox.clear()
-        self._unconfirmed.clear()
-        self._foreman_session = None
-        if self.executor is not None:
-            self.executor.stop_items(protocol.STATUS_CANCELLED)
 
     def _hello(self) -> dict[str, Any]:
         config = self.config
@@ -387,20 +384,17 @@ class Worker:
     def _holding(self) -> dict[str, Any]:
         """The batches of the last foreman this worker still runs or holds results of: a foreman that restarted
         from its journal (same session) counts them as in flight here instead of running them again."""
-        if self._foreman_session is None:
-            return {}
-        held = [[item.job_id, item.start, item.count] for item in
-                (self.executor.running_items() if self.executor is not None else [])]
-        for data in self._outbox:
-            header = protocol.decode(data, self.config.max_message_size).header
-            held.append([header["job"], header["start"], header["count"]])
-        held.extend([list(key) for key in self._unconfirmed])
-        return {"foreman_session": self._foreman_session, "holding": held}
+        running = self.executor.running_items() if self.executor is not None else []
+        return self.session.holding([(item.job_id, item.start, item.count) for item in running])
 
-    def _salvage(self, outbound: Outbound | None) -> None:
-        """Keep unsent results for the next connection; drop everything else."""
-        if outbound is not None:
-            self._outbox.extend(data for data in outbound.unsent() if data[0] == Kind.RESULTS)
+    def _unwritten(self, outbound: Outbound | None) -> list[tuple[Key, bytes]]:
+        """The result messages a closed connection did not write, for the next one; everything else is dropped."""
+        out = []
+        for data in outbound.unsent() if outbound is not None else []:
+            if data[0] == Kind.RESULTS:
+                header = protocol.decode(data, self.config.max_message_size).header
+                out.append(((header["job"], header["start"], header["count"]), bytes(data)))
+        return out
 
     async def _heartbeats(self, ws: Link) -> None:
         while True:
@@ -421,8 +415,6 @@ class Worker:
     def _send(self, data: bytes) -> None:
         if self._outbound is not None:
             self._outbound.send(data)
-        elif data[0] == Kind.RESULTS:
-            self._outbox.append(data)
 
     # -- messages from the foreman ---------------------------------------------------------------------------
 
@@ -456,7 +448,7 @@ class Worker:
             assert self.executor is not None
             self.executor.stop_items(protocol.STATUS_CANCELLED, header["job"], header.get("start"))
         elif kind is Kind.RECEIVED:
-            self._unconfirmed.pop((header["job"], header["start"], header["count"]), None)
+            self.session.received((header["job"], header["start"], header["count"]))
         elif kind is Kind.JOB_DONE:
             self._jobs.pop(header["job"], None)
             for key in [k for k in self._resume if k[0] == header["job"]]:
@@ -508,9 +500,10 @@ class Worker:
                                f"{self.config.max_message_size}-byte message limit")
             payload = b""
         data = protocol.encode(Kind.RESULTS, header, payload)
-        if self._confirms:
-            self._unconfirmed[(item.job_id, item.start, item.count)] = data
-        self._send(data)
+        if outcome.status == protocol.STATUS_RETURNED:
+            self.session.returned()
+        if self.session.finished((item.job_id, item.start, item.count), data) and self._outbound is not None:
+            self._outbound.send(data)
 
     # -- process plumbing ------------------------------------------------------------------------------------
 
