@@ -27,6 +27,7 @@ from foreman.errors import AuthenticationError, ProtocolError, VersionMismatchEr
 from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.retry import backoff_delay
+from foreman.version import VERSION
 from worker import pause, sysinfo
 from worker.config import WorkerConfig
 from worker.executor import Executor, Outcome, WorkItem
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
 Link = ClientConnection | local_link.LocalConnection
 
 log = logging.getLogger("crowdcompute.worker")
-
-VERSION = "0.1.0"
 
 
 @dataclass
