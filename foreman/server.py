@@ -197,7 +197,6 @@ class ForemanServer:
         self._resume_stored_jobs()
         self._load_state()
         self._ticker = asyncio.create_task(self._tick_forever())
-        log.info("foreman listening on %s", self.address)
 
     async def start_local(self) -> str:
         """Listen for the workers started on this machine on a Unix socket (a private one), and return the
