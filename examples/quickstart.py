@@ -1,6 +1,6 @@
 """Estimate pi by Monte Carlo on a foreman with local workers: the README's first command.
 
-    python examples/quickstart.py [--workers N] [--samples S]
+    python examples/quickstart.py [--workers N] [--tasks T] [--port P]
 
 Each task throws darts at the unit square with its own seed; the foreman gathers the hit counts in order.
 """
