@@ -407,6 +407,8 @@ class Foreman(AsyncAPI):
         self._closed = True
         try:
             if self._server is None:
+                # A submit()'s job ends with its calls: not a minute later, nor at the end of the client's grace.
+                self._call(lambda: [stream.end_input() for stream in list(self._streams.values())])
                 self._call(self._backend.close())
                 return
             self._call(self._server.abort_jobs)

@@ -22,8 +22,9 @@ from foreman.errors import ProtocolError
 
 #: Bumped on any incompatible change to framing, kinds, required header fields or payload layout.
 #: 2: PAUSE, RECEIVED, the client kinds (20-32), HELLO holding. 3: TASKS payloads may end with out-of-band
-#: buffers (the ``buffers`` header field).
-PROTOCOL_VERSION = 3
+#: buffers (the ``buffers`` header field). 4: WELCOME says which Python and cloudpickle the foreman's jobs need
+#: (``jobs_env``), so a worker that differs tells its owner why it gets no work.
+PROTOCOL_VERSION = 4
 
 #: Largest message either side accepts. Protects memory: a peer can make us buffer at most this much per
 #: connection before the message is refused. Argument and result batches are cut to fit under it.

@@ -31,7 +31,7 @@ from foreman.local_link import LocalConnection, LocalServer, handle_each
 from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
-from foreman.serialization import ENV_FINGERPRINT, Pickled
+from foreman.serialization import ENV_FINGERPRINT, JOBS_ENV, Pickled
 from foreman.stored import StoredJob, Subscriber
 from foreman.trust import Trust
 from foreman.validation import Policy
@@ -370,10 +370,14 @@ class ForemanServer:
             self.scheduler.close_input(job_id)
             self._maybe_finish(job_id)
 
-    def cancel_job(self, job_id: int) -> bool:
-        """Queued tasks never run; running ones are killed on their workers. False if no such running job."""
+    def cancel_job(self, job_id: int, failed: str | None = None) -> bool:
+        """Queued tasks never run; running ones are killed on their workers. False if no such running job.
+        ``failed``: its client stopped it because a task failed (a ``map`` that raised): a stored job ends
+        ``failed`` with this reason, not ``cancelled``."""
         if job_id not in self.jobs:
             return False
+        if failed is not None and job_id in self.stored:
+            self.stored[job_id].failure = failed
         # One CANCEL per worker for the whole job: the worker drops its queued batches before killing running
         # ones, so a batch queued behind a killed one never starts.
         for worker_id in {worker_id for worker_id, _ in self.scheduler.cancel_job(job_id)}:
@@ -498,7 +502,7 @@ class ForemanServer:
         await ws.send(protocol.encode(Kind.WELCOME, {
             "session": self.session, "heartbeat_interval": self.heartbeat_interval,
             "heartbeat_timeout": self.heartbeat_timeout, "max_message_size": self.max_message_size,
-            "confirms_results": self.journal.persistent}))
+            "confirms_results": self.journal.persistent, "jobs_env": JOBS_ENV}))
         log.info("worker %s joined from %s (%s slots, Python %s)", worker_id, address, hello["concurrency"],
                  hello["python"], extra={"worker": worker_id})
         self._pump()

@@ -39,6 +39,7 @@ class StoredJob:
         self.subscribers: list[Subscriber] = []
         self.orphaned_at: float | None = None  # when its last subscriber went away (for the orphan rule)
         self.over = False  # its end is journaled and told: a later end (cancelling an aborted job) changes nothing
+        self.failure: str | None = None  # its client cancelled it because a task failed: it ends failed
         self._next_seq = row.next_seq
 
     def add_input(self, start: int, count: int, payload: bytes | memoryview) -> bool:
@@ -77,7 +78,10 @@ class StoredJob:
     def finished(self, cancelled: bool) -> None:
         if self.over:
             return
-        self.journal.finish_job(self.id, protocol.JOB_CANCELLED_STATE if cancelled else protocol.JOB_DONE_STATE)
+        if cancelled and self.failure is not None:
+            self.journal.finish_job(self.id, protocol.JOB_FAILED_STATE, self.failure)
+        else:
+            self.journal.finish_job(self.id, protocol.JOB_CANCELLED_STATE if cancelled else protocol.JOB_DONE_STATE)
         self._ended()
 
     # -- subscribers -----------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from foreman.errors import AuthenticationError, ProtocolError, VersionMismatchEr
 from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
 from foreman.retry import backoff_delay
+from foreman.serialization import env_mismatch
 from foreman.version import VERSION
 from worker import pause, sysinfo
 from worker.config import WorkerConfig
@@ -77,6 +78,7 @@ class Worker:
         self.connected = False
         self.connected_at: float | None = None  # wall-clock time of the current connection's WELCOME
         self.last_error: str | None = None  # how the last connection attempt or connection ended
+        self.env_mismatch: str | None = None  # why this foreman's jobs cannot run here (Python, cloudpickle)
         self.draining = False
         self.history = BatchHistory()
         self.executor: Executor | None = None
@@ -326,6 +328,9 @@ class Worker:
         self._last_heard = time.monotonic()
         log.info("connected to %s as %s (session %s)", self.config.foreman_url, self.config.worker_id,
                  welcome.header["session"])
+        self.env_mismatch = env_mismatch(welcome.header.get("jobs_env"))
+        if self.env_mismatch is not None:
+            log.warning("%s", self.env_mismatch)
         self._confirms = bool(welcome.header.get("confirms_results"))
         self._outbound = Outbound(ws)
         if self.paused_reason is not None:
