@@ -34,7 +34,8 @@ def main() -> None:
     started = time.perf_counter()
     with Foreman(port=args.port, local_workers=args.workers) as fm:
         print(f"foreman listening at {fm.address}  (other machines join with: python -m worker {fm.address})")
-        print(f"dashboard at {fm.dashboard_url}")
+        print(f"dashboard at {fm.dashboard_url}" if fm.dashboard_url else
+              "no dashboard: pip install 'crowdcompute[dashboard]' adds it")
         hits = fm.map(count_hits, range(args.tasks))
         darts = args.tasks * 200_000
         print(f"pi ~= {4 * sum(hits) / darts:.5f} from {darts:,} darts in {args.tasks} tasks "

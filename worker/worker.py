@@ -235,8 +235,8 @@ class Worker:
         try:
             from worker.dashboard import Dashboard
         except ImportError as exc:
-            log.warning("running without a dashboard: the %s package is missing (the dashboard needs fastapi, "
-                        "uvicorn, jinja2 and prometheus-client; --no-dashboard silences this)", exc.name)
+            log.warning("running without a dashboard: the %s package is missing (pip install "
+                        "'crowdcompute[dashboard]' adds it; --no-dashboard silences this)", exc.name)
             return None
         dashboard = Dashboard(self)
         return dashboard if await dashboard.open() else None
