@@ -169,7 +169,7 @@ async def _connect(address: str, worker_id: str, token: str | None,
             if welcome.kind is not Kind.WELCOME:
                 raise RuntimeError(f"{worker_id}: expected WELCOME, got {welcome.kind.name}")
             return ws, float(welcome.header["heartbeat_interval"])
-        except (OSError, TimeoutError, ConnectionClosed):
+        except (OSError, asyncio.TimeoutError, ConnectionClosed):
             if attempt == CONNECT_ATTEMPTS - 1:
                 raise
             await asyncio.sleep(0.5 * (attempt + 1))
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         asyncio.run(run(args.address, args.count, args.prefix, os.environ.get("CROWDCOMPUTE_TOKEN")))
-    except (OSError, TimeoutError, ConnectionClosed) as exc:
+    except (OSError, asyncio.TimeoutError, ConnectionClosed) as exc:
         print(f"simfleet {args.prefix}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -152,7 +152,7 @@ class RemoteBackend:
             except AuthenticationError as exc:
                 self._fatal(exc)
                 return
-            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, ProtocolError) as exc:
+            except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError, ProtocolError) as exc:
                 if isinstance(exc, ConnectionClosed) and exc.rcvd and exc.rcvd.code in protocol.FATAL_CLOSE_CODES:
                     self._fatal(AuthenticationError(f"the foreman refused this client: {exc.rcvd.reason}"))
                     return

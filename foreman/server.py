@@ -455,7 +455,7 @@ class ForemanServer:
             msg = protocol.decode(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.max_message_size)
             if msg.kind not in (Kind.HELLO, Kind.CONNECT):
                 raise ProtocolError(f"expected HELLO or CONNECT, got {msg.kind.name}")
-        except (TimeoutError, ConnectionClosed):
+        except (asyncio.TimeoutError, ConnectionClosed):
             return None
         except ProtocolError as exc:
             log.warning("refused %s: %s", address, exc)

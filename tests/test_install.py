@@ -308,10 +308,12 @@ def test_the_wheel_installs_and_serves_both_dashboards(
     run_worker(processes, python, log, address, "--concurrency", "1", "--dashboard-port", "0", cwd=tmp_path)
     wait_until(lambda: lines_with(log, "dashboard at"), timeout=TIMEOUT)
     url = re.search(r"dashboard at (\S+)", lines_with(log, "dashboard at")[0]).group(1)  # type: ignore[union-attr]
-    page = urllib.request.urlopen(url, timeout=TIMEOUT).read().decode()
+    browser = urllib.request.Request(url, headers={"Accept": "text/html"})
+    page = urllib.request.urlopen(browser, timeout=TIMEOUT).read().decode()
     assert "<html" in page.lower()
-    static = re.search(r'(?:src|href)="(/static/[^"]+)"', page)
+    static = re.search(r'(?:src|href)="/?(static/[^"]+)"', page)
     assert static, page[:500]
-    assert urllib.request.urlopen(url.rstrip("/") + static.group(1), timeout=TIMEOUT).status == 200
+    script = urllib.request.urlopen(url.rstrip("/") + "/" + static.group(1), timeout=TIMEOUT)
+    assert script.status == 200 and len(script.read()) > 100  # a static file the wheel carries
     with Foreman.connect(address) as client:
         assert client.map(lambda x: x + 1, range(3), timeout=TIMEOUT) == [1, 2, 3]

@@ -265,7 +265,7 @@ class Worker:
                     f"{self.config.cafile or 'the system CA store'}: {exc.verify_message}; not sending the token. "
                     f"Give the CA that signed its certificate with --cafile, or pin the certificate with "
                     f"--fingerprint ({tls.FINGERPRINT_HELP})") from exc
-            except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
+            except (OSError, asyncio.TimeoutError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
                 self.last_error = _describe(exc)
                 level = logging.INFO if self.connected or self._stop.is_set() else logging.WARNING
                 log.log(level, "connection to %s ended: %s", self.config.foreman_url, _describe(exc))
@@ -290,7 +290,7 @@ class Worker:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
             self._reconnect_now = False  # a restart during the wait has woken it
 
