@@ -263,14 +263,17 @@ def test_a_worker_on_another_python_says_which_the_jobs_need(
     other = next((m for m in ("3.10", "3.13", "3.12", "3.11") if m != here and _pyenv_python(m)), None)
     if other is None:
         pytest.skip(f"no CPython other than {here} found on this machine")
-    python = make_venv(tmp_path / "venv", _pyenv_python(other), str(ROOT))  # type: ignore[arg-type]
+    python = make_venv(tmp_path / "venv", _pyenv_python(other), f"{ROOT}[dashboard]")  # type: ignore[arg-type]
     log = tmp_path / "worker.log"
     with Foreman(port=0, dashboard=False) as fm:
-        run_worker(processes, python, log, fm.address, "--concurrency", "1", "--no-dashboard", cwd=tmp_path)
+        run_worker(processes, python, log, fm.address, "--concurrency", "1", "--dashboard-port", "0", cwd=tmp_path)
         fm.wait_for_workers(1, timeout=TIMEOUT)
         wait_until(lambda: lines_with(log, "gets no work"), timeout=TIMEOUT)
+        url = re.search(r"dashboard at (\S+)", lines_with(log, "dashboard at")[0]).group(1)  # type: ignore[union-attr]
+        shown = json.loads(urllib.request.urlopen(url, timeout=TIMEOUT).read())["env_mismatch"]
     (line,) = lines_with(log, "gets no work")
-    assert f"this foreman's jobs need Python {here}" in line and f"runs Python {other}." in line
+    for said in (line, shown):  # the log, and the dashboard's status (its page shows it by the connection)
+        assert f"this foreman's jobs need Python {here}" in said and f"runs Python {other}." in said
 
 
 @pytest.mark.slow
