@@ -26,9 +26,7 @@ from websockets.asyncio.client import connect
 from conftest import stop_process, wait_until, worker_env
 from foreman import Foreman, protocol
 from foreman.protocol import Kind
-from foreman.serialization import JOBS_ENV, env_mismatch
 from tasks import square
-from worker.config import unsupported_platform
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -151,6 +149,8 @@ def test_without_psutil_the_clock_is_still_read_and_judged() -> None:
 # -- platforms ---------------------------------------------------------------------------------------------------
 
 def test_the_worker_refuses_a_platform_without_sendmsg_in_one_line() -> None:
+    from worker.config import unsupported_platform
+
     assert unsupported_platform("posix", True) is None
     for os_name, has_sendmsg in (("nt", False), ("posix", False)):
         refusal = unsupported_platform(os_name, has_sendmsg)
@@ -167,6 +167,8 @@ def test_the_readme_states_the_platforms() -> None:
 # -- a worker whose Python differs from the foreman's ------------------------------------------------------------
 
 def test_welcome_says_what_the_jobs_need() -> None:
+    from foreman.serialization import JOBS_ENV
+
     async def hello(address: str) -> dict[str, Any]:
         async with connect(address) as ws:
             await ws.send(protocol.encode(Kind.HELLO, {
@@ -181,6 +183,8 @@ def test_welcome_says_what_the_jobs_need() -> None:
 
 
 def test_a_worker_names_the_python_the_jobs_need() -> None:
+    from foreman.serialization import JOBS_ENV, env_mismatch
+
     assert env_mismatch(JOBS_ENV) is None
     assert env_mismatch(None) is None  # a foreman that does not say
     message = env_mismatch({"python": "3.99", "cloudpickle": JOBS_ENV["cloudpickle"]})
