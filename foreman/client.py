@@ -98,7 +98,9 @@ class Foreman(AsyncAPI):
     :param trust_workers: unpickle results with full pickle (code from workers could run here). Default:
         True on a loopback address, False elsewhere, where results are loaded with a restricted loader that
         only rebuilds plain data (builtins, containers, numbers, strings, bytes, registered safe types).
-    :param dashboard: serve the fleet dashboard, JSON API and metrics over HTTP (see :attr:`dashboard_url`).
+    :param dashboard: serve the fleet dashboard, JSON API and metrics over HTTP (see :attr:`dashboard_url`). Needs
+        the web stack (``pip install 'crowdcompute[dashboard]'``): without it the foreman runs without a dashboard
+        and logs one warning saying so. A port already in use raises :class:`~foreman.errors.PortInUseError`.
     :param http_port: the dashboard's port; default ``port + 1`` (any free port when ``port`` is 0).
     :param certfile: serve ``wss://`` and the dashboard over https with this PEM certificate (chain); local
         workers pin its fingerprint.
