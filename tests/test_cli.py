@@ -364,6 +364,9 @@ def service() -> Iterator[Foreman]:
         yield fm
 
 
+# The clients below use service_tasks, not tasks: a client registers its functions' module to travel by value for
+# the rest of this process, which would change the remote tracebacks of later tests that use tasks.
+
 def jobs(service: Foreman, *args: str, token: str | None = "t0k") -> subprocess.CompletedProcess[str]:
     """``crowdcompute jobs ARGS --address A [--token T]``: the connection flags after the command."""
     return run(crowdcompute(), "jobs", *args, "--address", service.address, *(["--token", token] if token else []))
@@ -408,12 +411,12 @@ def test_a_client_cannot_set_the_foremans_message_limit(service: Foreman) -> Non
 
 
 def test_jobs_on_a_finished_and_a_cancelled_job(service: Foreman) -> None:
-    from tasks import sleep_then
+    from service_tasks import nap_square
 
     with Foreman.connect(service.address, token="t0k") as client:
-        finished = client.submit_job(square, range(3))
+        finished = client.submit_job(nap_square, range(3))
         assert finished.results(timeout=TIMEOUT) == [0, 1, 4]
-        running = client.submit_job(sleep_then, [30.0])
+        running = client.submit_job(nap_square, [1], [30.0])
     result = jobs(service, "cancel", str(finished.id))
     assert result.returncode == 1
     assert f"job {finished.id} is already done" in one_line_error(result)
@@ -437,8 +440,10 @@ def _state(service: Foreman, job_id: int) -> str:
 
 
 def test_a_submit_job_is_done_as_soon_as_its_script_closes(service: Foreman) -> None:
+    from service_tasks import nap_square
+
     with Foreman.connect(service.address, token="t0k") as client:
-        assert client.submit(square, 7).result(timeout=TIMEOUT) == 49
+        assert client.submit(nap_square, 7, 0.0).result(timeout=TIMEOUT) == 49
     # The script ends here, within the second its submit stream would idle before it ended the job's input.
     # Before: 'running 1 ?' until the client's grace (5 minutes) ran out.
     with Foreman.connect(service.address, token="t0k") as admin:
@@ -447,11 +452,13 @@ def test_a_submit_job_is_done_as_soon_as_its_script_closes(service: Foreman) -> 
 
 
 def test_a_map_that_raised_is_failed_not_cancelled(service: Foreman) -> None:
-    from tasks import CustomError, boom
+    from service_tasks import TaskFailed, fails_at_3
 
     with Foreman.connect(service.address, token="t0k") as client:
-        with pytest.raises(CustomError):
-            client.map(boom, range(10), chunksize=1)
+        with pytest.raises(TaskFailed):
+            # The tasks after the failure take a while, so the job still runs when the map raises (one whose
+            # tasks had all finished first ends 'done': every task ran).
+            client.map(fails_at_3, range(10), [2.0] * 10, chunksize=1)
         job_id = max(job["id"] for job in client.jobs())
     wait_until(lambda: _state(service, job_id) != "running", timeout=TIMEOUT, interval=0.2)
     with Foreman.connect(service.address, token="t0k") as admin:
