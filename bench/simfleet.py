@@ -170,7 +170,7 @@ async def _connect(address: str, worker_id: str, token: str | None,
             if welcome.kind is not Kind.WELCOME:
                 raise RuntimeError(f"{worker_id}: expected WELCOME, got {welcome.kind.name}")
             return ws, float(welcome.header["heartbeat_interval"])
-        except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake):  # refused when over the foreman's caps
+        except (OSError, asyncio.TimeoutError, ConnectionClosed, InvalidHandshake):  # refused when over the foreman's caps
             if attempt == CONNECT_ATTEMPTS - 1:
                 raise
             await asyncio.sleep(0.5 * (attempt + 1))
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         address, carried = split_token(args.address)  # a foreman that made up its token hands it in its address
         asyncio.run(run(address, args.count, args.prefix, os.environ.get("CROWDCOMPUTE_TOKEN") or carried))
-    except (OSError, TimeoutError, ConnectionClosed) as exc:
+    except (OSError, asyncio.TimeoutError, ConnectionClosed) as exc:
         print(f"simfleet {args.prefix}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,6 +1,6 @@
 """Estimate pi by Monte Carlo on a foreman with local workers: the README's first command.
 
-    python examples/quickstart.py [--workers N] [--samples S]
+    python examples/quickstart.py [--workers N] [--tasks T] [--port P]
 
 Each task throws darts at the unit square with its own seed; the foreman gathers the hit counts in order.
 """
@@ -36,7 +36,8 @@ def main() -> None:
         # No token given: the foreman made one up. Its address carries a worker-only token, so more workers on
         # this machine join with it as it is; the dashboard's link logs the browser in with the admin token.
         print(f"foreman listening at {fm.address}  (more workers join with: python -m worker '{fm.address}')")
-        print(f"dashboard at {fm.dashboard_login_url}")
+        print(f"dashboard at {fm.dashboard_login_url}" if fm.dashboard_url else
+              "no dashboard: pip install 'crowdcompute[dashboard]' adds it")
         hits = fm.map(count_hits, range(args.tasks))
         darts = args.tasks * 200_000
         print(f"pi ~= {4 * sum(hits) / darts:.5f} from {darts:,} darts in {args.tasks} tasks "

@@ -6,24 +6,32 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
 
+from foreman import protocol
+from foreman.errors import PortInUseError
+from foreman.version import VERSION
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(prog: str = "python -m foreman") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m foreman",
+        prog=prog,
         description="Run a CrowdCompute foreman: workers dial in to ws://HOST:PORT (wss:// with --certfile).",
         epilog="Environment variables: CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_TOKEN_FILE, CROWDCOMPUTE_DATA_DIR, "
                "CROWDCOMPUTE_CERTFILE, CROWDCOMPUTE_KEYFILE, CROWDCOMPUTE_LOG_LEVEL. Scripts connect with "
-               "Foreman.connect('ws://HOST:PORT', token=...) using a [clients] token.")
+               "Foreman.connect('ws://HOST:PORT', token=...) using the --token (which serves workers and "
+               "clients alike) or a [clients] token of the --token-file.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other needs --token)")
-    parser.add_argument("--port", type=int, default=9000, help="port to listen on (0 picks a free one)")
+    parser.add_argument("--port", type=int, default=9000, help="port to listen on (default 9000; 0 picks a free one)")
     parser.add_argument("--token", default=os.environ.get("CROWDCOMPUTE_TOKEN"),
-                        help="the admin secret: workers and clients may connect with it (env CROWDCOMPUTE_TOKEN); "
-                             "on loopback without it, the foreman makes up one and prints it")
+                        help="the admin secret: workers join with it, scripts connect with it as clients "
+                             "(Foreman.connect, crowdcompute jobs), and the dashboard's controls need it "
+                             "(env CROWDCOMPUTE_TOKEN; on loopback without it, the foreman makes up one and prints it)")
     parser.add_argument("--token-file", default=os.environ.get("CROWDCOMPUTE_TOKEN_FILE"),
                         help="TOML file of per-worker and per-client tokens ([workers] name = \"token\", "
                              "[clients] ...), re-read when it changes (env CROWDCOMPUTE_TOKEN_FILE)")
@@ -47,10 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--http-port", type=int, default=None,
                         help="port of the dashboard, JSON API and metrics (default: --port + 1)")
     parser.add_argument("--no-dashboard", action="store_true", help="serve no HTTP dashboard or API")
-    parser.add_argument("--local-workers", type=int, default=0, help="worker processes to start on this machine")
-    parser.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between worker heartbeats")
+    parser.add_argument("--local-workers", type=int, default=0,
+                        help="worker processes to start on this machine (default 0)")
+    parser.add_argument("--heartbeat-interval", type=float, default=5.0,
+                        help="seconds between worker heartbeats (default 5)")
     parser.add_argument("--heartbeat-timeout", type=float, default=30.0,
-                        help="seconds of silence after which a worker is declared lost")
+                        help="seconds of silence after which a worker is declared lost (default 30)")
+    parser.add_argument("--max-message-size", type=_size, default=protocol.DEFAULT_MAX_MESSAGE_SIZE,
+                        metavar="SIZE",
+                        help="largest message in either direction, e.g. 256M: a task's pickled argument or "
+                             "result must fit in one; bounds the memory of each connection (default 64M; "
+                             "workers and clients learn it when they connect)")
     parser.add_argument("--speculation", type=float, default=3.0, metavar="FACTOR",
                         help="at a job's tail, start a second copy of a batch running this many times longer than "
                              "the job's typical task on an idle worker, or held by a worker seen to be twice as "
@@ -63,8 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _size(text: str) -> int:
+    """Bytes from ``"67108864"``, ``"256M"``, ``"1G"`` (K, M, G are powers of 1024), for --max-message-size."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    size = int(match.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[match.group(2).lower()] if match else 0
+    if size < 1 << 20:
+        raise argparse.ArgumentTypeError(f"give a size of at least 1M, e.g. 256M or 1G, not {text!r}")
+    return size
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m foreman") -> int:
+    args = build_parser(prog).parse_args(argv)
     from foreman.logs import configure_logging
 
     configure_logging(args.log_level, args.log_json)
@@ -107,10 +131,18 @@ def main(argv: list[str] | None = None) -> int:
                      speculation=args.speculation or None,
                      dashboard=not args.no_dashboard, http_port=args.http_port, certfile=args.certfile,
                      keyfile=args.keyfile, data_dir=args.data_dir, retention=args.retention,
-                     client_grace=args.client_grace)
+                     client_grace=args.client_grace, max_message_size=args.max_message_size)
     except ValueError as exc:
         print(f"foreman: {exc}", file=sys.stderr)
         return 2
+    except PortInUseError as exc:
+        advice = ("choose another with --http-port, or serve none with --no-dashboard" if exc.role == "http_port"
+                  else "choose another with --port (0 picks a free one)")
+        print(f"foreman: {exc}: {advice}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # another address error: a host name that does not resolve, a port not allowed
+        print(f"foreman: cannot listen on {args.host} port {args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     with fm:
         address, worker_token = split_token(fm.address)
         print(f"foreman ready at {address}", flush=True)

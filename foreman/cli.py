@@ -9,7 +9,8 @@ USAGE = """usage: crowdcompute {foreman,worker,jobs} [options]
 
   crowdcompute foreman --port 9000 --token T     run a foreman (see: crowdcompute foreman --help)
   crowdcompute worker ws://HOST:9000 --token T   run a worker  (see: crowdcompute worker --help)
-  crowdcompute jobs --address ws://HOST:9000 list   list a foreman's stored jobs (see: crowdcompute jobs --help)
+  crowdcompute jobs list --address ws://HOST:9000   list a foreman's stored jobs (see: crowdcompute jobs --help)
+  crowdcompute --version                         print the version
 """
 
 
@@ -18,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from foreman.version import VERSION
+
+        print(f"crowdcompute {VERSION}")
+        return 0
     command, rest = args[0], args[1:]
     if command == "foreman":
         from foreman.__main__ import main as run
@@ -28,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"crowdcompute: unknown command {command!r}\n{USAGE}", end="", file=sys.stderr)
         return 2
-    return run(rest)
+    return run(rest, prog=f"crowdcompute {command}")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,7 +24,7 @@ from foreman import local_link, protocol
 from foreman.addresses import is_loopback, split_token, with_token
 from foreman.aio import AsyncAPI
 from foreman.auth import Authenticator
-from foreman.errors import ForemanClosedError
+from foreman.errors import ForemanClosedError, PortInUseError
 from foreman.executor import ForemanExecutor
 from foreman.handles import JobHandle, LocalSubscriber
 from foreman.jobs import Job, JobOptions, SubmitStream, _pickle_fitting, placement_to_json
@@ -34,6 +36,17 @@ from foreman.server import ForemanServer
 from foreman.tls import certificate_fingerprint, client_context, parse_fingerprint, server_context
 
 log = logging.getLogger("crowdcompute.foreman")
+
+
+@contextlib.contextmanager
+def _port_taken(role: str, host: str, port: int) -> Iterator[None]:
+    """Turn "address already in use" from binding ``port`` into a :class:`PortInUseError` naming it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE or isinstance(exc, PortInUseError):
+            raise
+        raise PortInUseError(role, host, port) from None
 
 
 class Options:
@@ -79,7 +92,9 @@ class Foreman(AsyncAPI):
     :param local_workers: worker processes to start on this machine, through the same path as remote ones.
     :param heartbeat_interval: seconds between worker heartbeats.
     :param heartbeat_timeout: a worker silent this long is declared lost and its tasks are reassigned.
-    :param max_message_size: largest message in either direction; bounds memory per connection.
+    :param max_message_size: largest message in either direction; bounds memory per connection. The foreman's
+        setting: a client (``Foreman.connect``) learns it from its foreman, and workers need as large a one
+        (``python -m worker --max-message-size``) to take tasks that big.
     :param max_task_losses: a task in flight on this many workers that died in a row fails as poison.
     :param speculation: at a job's tail, start a second copy of a batch running this many times longer than the
         job's typical task on an idle worker (first result wins), and at once of a batch held by a worker already
@@ -87,7 +102,9 @@ class Foreman(AsyncAPI):
     :param trust_workers: unpickle results with full pickle (code from workers could run here). Default:
         True on a loopback address, False elsewhere, where results are loaded with a restricted loader that
         only rebuilds plain data (builtins, containers, numbers, strings, bytes, registered safe types).
-    :param dashboard: serve the fleet dashboard, JSON API and metrics over HTTP (see :attr:`dashboard_url`).
+    :param dashboard: serve the fleet dashboard, JSON API and metrics over HTTP (see :attr:`dashboard_url`). Needs
+        the web stack (``pip install 'crowdcompute[dashboard]'``): without it the foreman runs without a dashboard
+        and logs one warning saying so. A port already in use raises :class:`~foreman.errors.PortInUseError`.
     :param http_port: the dashboard's port; default ``port + 1`` (any free port when ``port`` is 0).
     :param certfile: serve ``wss://`` and the dashboard over https with this PEM certificate (chain); local
         workers pin its fingerprint.
@@ -124,6 +141,13 @@ class Foreman(AsyncAPI):
                 raise ValueError("local_workers cannot be started for a foreman at another address")
             address, carried = split_token(address)
             token = token if token is not None else carried
+            if not address.startswith(("ws://", "wss://")):
+                raise ValueError(f"a foreman's address is ws://HOST:PORT (wss:// with TLS), not {address!r}: "
+                                 "scripts connect where workers do, not to the dashboard's http:// address")
+            if max_message_size != protocol.DEFAULT_MAX_MESSAGE_SIZE:
+                raise ValueError("max_message_size is the foreman's setting (Foreman(max_message_size=...), "
+                                 "python -m foreman --max-message-size): a client uses the limit its foreman "
+                                 "announces")
             pin = parse_fingerprint(fingerprint) if fingerprint else None
             context = client_context(cafile, pinned=pin is not None) if address.startswith("wss://") else None
             self._backend = RemoteBackend(address, token, context, pin, heartbeat_interval=heartbeat_interval)
@@ -162,14 +186,22 @@ class Foreman(AsyncAPI):
             if self._server is None:
                 self._call(self._backend.start())
             else:
-                self._call(self._server.start())
+                with _port_taken("port", host, port):
+                    self._call(self._server.start())
                 assert self._local is not None
                 if local_workers:
                     # Its own workers dial a private Unix socket where there is one: a leaner link than WebSocket.
                     address = (self._call(self._server.start_local()) if local_link.AVAILABLE
                                else self._server.address)  # no token in it: they hold the local secret
                     self._local.start(address, local_workers)
-                self._call(self._server.start_http())
+                try:
+                    with _port_taken("http_port", host, http_port or 0):
+                        self._call(self._server.start_http())
+                except ImportError as exc:  # a plain install: the web stack is the [dashboard] extra
+                    log.warning("running without a dashboard: the %s package is missing (pip install "
+                                "'crowdcompute[dashboard]' adds it; dashboard=False / --no-dashboard silences "
+                                "this)", exc.name)
+                log.info("foreman listening on %s", self.address)
         except BaseException:
             if self._local is not None:
                 self._local.stop()
@@ -413,6 +445,8 @@ class Foreman(AsyncAPI):
         self._closed = True
         try:
             if self._server is None:
+                # A submit()'s job ends with its calls: not a minute later, nor at the end of the client's grace.
+                self._call(lambda: [stream.end_input() for stream in list(self._streams.values())])
                 self._call(self._backend.close())
                 return
             self._call(self._server.abort_jobs)

@@ -166,7 +166,8 @@ class ClientService:
                 if type(start) is int:
                     self.server.cancel_batch(header["job"], start)
                 else:
-                    self.server.cancel_job(header["job"])
+                    failed = header.get("failed")
+                    self.server.cancel_job(header["job"], failed=failed[:500] if isinstance(failed, str) else None)
         elif kind is Kind.ATTACH:
             self._attach(peer, header["job"], header["after"])
         elif kind is Kind.ACK:

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any
 
 
 class CrowdComputeError(Exception):
     """Base class of every CrowdCompute error."""
+
+
+class PortInUseError(CrowdComputeError, OSError):
+    """A port the foreman was to listen on is taken by another program: choose another port (``port=`` /
+    ``http_port=``; ``--port`` / ``--http-port`` on the command line), or stop that program. ``role`` says which
+    port: ``"port"`` (the workers' WebSocket port) or ``"http_port"`` (the dashboard's)."""
+
+    def __init__(self, role: str, host: str, port: int) -> None:
+        what = "the dashboard's port" if role == "http_port" else "the port workers dial"
+        super().__init__(errno.EADDRINUSE, f"port {port} on {host} ({what}) is already in use by another program")
+        self.role, self.host, self.port = role, host, port
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class ProtocolError(CrowdComputeError):

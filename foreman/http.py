@@ -297,7 +297,7 @@ class HttpServer:
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, 5)
-            except (TimeoutError, asyncio.CancelledError):
+            except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
         self.socket.close()
 

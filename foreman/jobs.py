@@ -216,6 +216,8 @@ class Job:
                  progress: bool = False, options: JobOptions = JobOptions()) -> None:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
+        if progress:
+            _tqdm()  # before anything is submitted: without tqdm, progress=True fails here, in one clear line
         digest, function = dumps_function(options.shipped(fn))
         self.name = getattr(fn, "__qualname__", repr(fn))
         self.options = options
@@ -238,6 +240,7 @@ class Job:
         self._cancelled = False
         self._finished = False
         self._abort_error: BaseException | None = None
+        self._failure: str | None = None  # why iteration stopped on a failed task: the job is failed, not cancelled
         self.tasks_done = 0
         self.id: int = foreman._call(functools.partial(foreman._backend.add_job, digest, function, call, self,
                                                        self.name, self.total, **options.placement()))
@@ -266,7 +269,7 @@ class Job:
         self._cancelled = True
         with self._room:
             self._room.notify_all()
-        self._foreman._post(self._foreman._backend.cancel_job, self.id)
+        self._foreman._post(functools.partial(self._foreman._backend.cancel_job, self.id, failed=self._failure))
 
     @property
     def progress(self) -> tuple[int, int | None]:
@@ -334,6 +337,7 @@ class Job:
                               "worker": worker})
         if self.options.return_exceptions:
             return error
+        self._failure = f"task {index} failed: {type(error).__name__}: {error}"[:500]
         raise error
 
     def _next_outcome(self) -> Any:
@@ -492,6 +496,18 @@ class SubmitStream:
         self._foreman._streams.pop(self._key, None)
         self._foreman._backend.close_input(self.id)
 
+    def end_input(self) -> None:
+        """No more calls (its foreman client is closing): the foreman ends the job once the calls made are done,
+        instead of after :data:`STREAM_IDLE_SECONDS` or its client's grace period."""
+        if not self._open:
+            return
+        self._open = False
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self._foreman._streams.pop(self._key, None)
+        self._foreman._backend.close_input(self.id)
+
     # -- JobSink ---------------------------------------------------------------------------------------------
 
     def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float, worker: str) -> None:
@@ -565,10 +581,17 @@ def _settle(future: concurrent.futures.Future[Any], value: Any, failed: bool) ->
         future.set_result(value)
 
 
-def _progress_bar(name: str, total: int | None) -> Any:
-    from tqdm.auto import tqdm  # terminal or notebook, whichever this is
+def _tqdm() -> Any:
+    try:
+        from tqdm.auto import tqdm  # terminal or notebook, whichever this is
+    except ImportError:
+        raise ImportError("progress=True draws its bar with tqdm, which is not installed: pip install tqdm "
+                          "(or 'crowdcompute[default]')", name="tqdm") from None
+    return tqdm
 
-    return tqdm(total=total, desc=name, unit="task", dynamic_ncols=True)
+
+def _progress_bar(name: str, total: int | None) -> Any:
+    return _tqdm()(total=total, desc=name, unit="task", dynamic_ncols=True)
 
 
 def _known_length(iterable: Iterable[Any]) -> int | None:
@@ -591,7 +614,9 @@ def _pickle_fitting(items: list[Any], start: int, limit: int,
         return
     if len(items) == 1:
         raise SerializationError(f"the argument of task {start} pickles to {size} bytes, over the "
-                                 f"{limit}-byte limit for one task (raise max_message_size to send it)")
+                                 f"{limit}-byte limit for one task (to send it, raise the foreman's "
+                                 "max_message_size, python -m foreman --max-message-size, and its workers' "
+                                 "python -m worker --max-message-size)")
     half = len(items) // 2
     yield from _pickle_fitting(items[:half], start, limit, out_of_band)
     yield from _pickle_fitting(items[half:], start + half, limit, out_of_band)

@@ -258,7 +258,7 @@ class LocalConnection(asyncio.BufferedProtocol):
         """Wait until the link is closed; a peer that reads nothing for ``timeout`` s is cut off."""
         try:
             await asyncio.wait_for(asyncio.shield(self._closed), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self.transport.abort()
 
     # -- internals -------------------------------------------------------------------------------------------

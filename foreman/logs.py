@@ -38,3 +38,7 @@ def configure_logging(level: str, as_json: bool = False) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    if logging.getLogger().level > logging.DEBUG:
+        # websockets' own INFO lines ("server listening", "connection open") repeat ours, and one of them said
+        # the foreman listened just before it failed on its dashboard's port.
+        logging.getLogger("websockets").setLevel(logging.WARNING)

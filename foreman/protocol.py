@@ -22,8 +22,9 @@ from foreman.errors import ProtocolError
 
 #: Bumped on any incompatible change to framing, kinds, required header fields or payload layout.
 #: 2: PAUSE, RECEIVED, the client kinds (20-32), HELLO holding. 3: TASKS payloads may end with out-of-band
-#: buffers (the ``buffers`` header field).
-PROTOCOL_VERSION = 3
+#: buffers (the ``buffers`` header field). 4: WELCOME says which Python and cloudpickle the foreman's jobs need
+#: (``jobs_env``), so a worker that differs tells its owner why it gets no work.
+PROTOCOL_VERSION = 4
 
 #: Largest message either side accepts. Protects memory: a peer can make us buffer at most this much per
 #: connection before the message is refused. Argument and result batches are cut to fit under it.
@@ -35,6 +36,10 @@ MAX_CHECKPOINT_SIZE = 1024 * 1024
 
 #: Largest JSON header. Headers carry ids and small settings only.
 MAX_HEADER_SIZE = 64 * 1024
+
+#: Deepest nesting of lists and objects in a header (real ones nest 3 levels at most). Bounds the stack of any code
+#: that walks a header recursively (json.dumps into the journal or a log) against a peer's 64 KiB of brackets.
+MAX_HEADER_DEPTH = 32
 
 #: Pickled arguments in one batch at most, by default (``Batcher.target_bytes``); the send buffers of the local
 #: link and of a worker's task processes are asked for this size, so that a batch goes out in one piece.
@@ -228,11 +233,16 @@ def decode(data: bytes | bytearray | memoryview | str, max_size: int = DEFAULT_M
                             f"{size - _PREFIX.size} present")
     view = memoryview(data)
     try:
-        header = _JSON_DECODER.decode(str(view[_PREFIX.size:end], "utf-8"))
+        text = str(view[_PREFIX.size:end], "utf-8")
+        header = _JSON_DECODER.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"{kind.name} header is not valid JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"{kind.name} header must be a JSON object, not {type(header).__name__}")
+    # Python 3.12+ parses thousands of levels without a RecursionError: the cap is checked here, on the rare
+    # header with enough brackets to exceed it (a count in C, so the common header pays next to nothing).
+    if text.count("{") + text.count("[") > MAX_HEADER_DEPTH and _too_deep(header, MAX_HEADER_DEPTH):
+        raise ProtocolError(f"{kind.name} header nests lists and objects deeper than {MAX_HEADER_DEPTH} levels")
     for field, expected in SCHEMAS[kind].items():
         value = header.get(field, _MISSING)
         if value is _MISSING:
@@ -247,6 +257,20 @@ def decode(data: bytes | bytearray | memoryview | str, max_size: int = DEFAULT_M
 
 
 _MISSING = object()
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest deeper than ``limit`` levels in ``value`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _check_values(kind: Kind, header: dict[str, Any], payload_size: int) -> None:

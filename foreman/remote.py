@@ -64,6 +64,7 @@ class _RemoteJob:
     end_sent: bool = False  # INPUT_END sent on this connection
     cancelled_batches: deque[int] = field(default_factory=deque)  # starts of batches to cancel, once sent
     cancel: bool = False
+    failed: str | None = None  # cancelled because a task failed (a map that raised): the job ends failed
     max_seq: int = 0  # results received up to here
     acked: int = 0
     accepted: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -151,7 +152,7 @@ class RemoteBackend:
             except AuthenticationError as exc:
                 self._fatal(exc)
                 return
-            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, ProtocolError) as exc:
+            except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError, ProtocolError) as exc:
                 if isinstance(exc, ConnectionClosed) and exc.rcvd and exc.rcvd.code in protocol.FATAL_CLOSE_CODES:
                     self._fatal(AuthenticationError(f"the foreman refused this client: {exc.rcvd.reason}"))
                     return
@@ -271,11 +272,12 @@ class RemoteBackend:
             job.input_closed = True
             self._flush(job)
 
-    def cancel_job(self, job_id: int) -> bool:
+    def cancel_job(self, job_id: int, failed: str | None = None) -> bool:
         job = self.jobs.get(job_id)
         if job is None:
             return False
         job.cancel = True
+        job.failed = failed
         self._flush(job)
         return True
 
@@ -316,7 +318,7 @@ class RemoteBackend:
         if job.job_id is None or self._outbound is None:
             return
         if job.cancel:
-            self._send(Kind.ABORT, {"job": job.job_id})
+            self._send(Kind.ABORT, {"job": job.job_id, **({"failed": job.failed} if job.failed else {})})
             return
         for start, count, payload in job.retained:
             if start >= job.sent:

@@ -29,6 +29,20 @@ PICKLE_PROTOCOL = 5
 
 #: A worker must match this to unpickle a job's function (cloudpickle needs the same Python minor version).
 ENV_FINGERPRINT = f"py{sys.version_info[0]}.{sys.version_info[1]}/cloudpickle{cloudpickle.__version__.split('.')[0]}"
+#: The same, as the foreman's WELCOME tells each worker (``jobs_env``, protocol 4): one that differs says so.
+JOBS_ENV = {"python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+            "cloudpickle": cloudpickle.__version__.split(".")[0]}
+
+
+def env_mismatch(jobs_env: Any) -> str | None:
+    """Why this process cannot run the jobs of a foreman whose WELCOME says they need ``jobs_env`` (one line, for
+    the worker's log and dashboard), or None when it can (or the foreman did not say)."""
+    if not isinstance(jobs_env, dict) or jobs_env == JOBS_ENV:
+        return None
+    python, pickler = str(jobs_env.get("python", "?")), str(jobs_env.get("cloudpickle", "?"))
+    return (f"this foreman's jobs need Python {python} with cloudpickle {pickler}.x, and this worker runs "
+            f"{describe_env()}: it stays connected but gets no work (run it under Python {python} with "
+            f"cloudpickle {pickler}.x)")
 
 _function_cache: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
 

@@ -33,7 +33,7 @@ from foreman.outbound import Outbound
 from foreman.permissions import Action, authorize, host_allowed, origin_allowed, refusal
 from foreman.protocol import CloseCode, Kind
 from foreman.scheduler import Assignment, Failure, Scheduler
-from foreman.serialization import ENV_FINGERPRINT, Pickled
+from foreman.serialization import ENV_FINGERPRINT, JOBS_ENV, Pickled
 from foreman.stored import StoredJob, Subscriber
 from foreman.trust import Trust
 from foreman.validation import Policy
@@ -203,7 +203,6 @@ class ForemanServer:
         self._resume_stored_jobs()
         self._load_state()
         self._ticker = asyncio.create_task(self._tick_forever())
-        log.info("foreman listening on %s", self.address)
 
     async def start_local(self) -> str:
         """Listen for the workers started on this machine on a Unix socket (a private one), and return the
@@ -387,10 +386,14 @@ class ForemanServer:
             self.scheduler.close_input(job_id)
             self._maybe_finish(job_id)
 
-    def cancel_job(self, job_id: int) -> bool:
-        """Queued tasks never run; running ones are killed on their workers. False if no such running job."""
+    def cancel_job(self, job_id: int, failed: str | None = None) -> bool:
+        """Queued tasks never run; running ones are killed on their workers. False if no such running job.
+        ``failed``: its client stopped it because a task failed (a ``map`` that raised): a stored job ends
+        ``failed`` with this reason, not ``cancelled``."""
         if job_id not in self.jobs:
             return False
+        if failed is not None and job_id in self.stored:
+            self.stored[job_id].failure = failed
         # One CANCEL per worker for the whole job: the worker drops its queued batches before killing running
         # ones, so a batch queued behind a killed one never starts.
         for worker_id in {worker_id for worker_id, _ in self.scheduler.cancel_job(job_id)}:
@@ -468,7 +471,7 @@ class ForemanServer:
             msg = protocol.decode(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.max_message_size)
             if msg.kind not in (Kind.HELLO, Kind.CONNECT):
                 raise ProtocolError(f"expected HELLO or CONNECT, got {msg.kind.name}")
-        except (TimeoutError, ConnectionClosed):
+        except (asyncio.TimeoutError, ConnectionClosed):
             return None
         except ProtocolError as exc:
             log.warning("refused %s: %s", address, exc)
@@ -520,7 +523,7 @@ class ForemanServer:
             await ws.send(protocol.encode(Kind.WELCOME, {
                 "session": self.session, "heartbeat_interval": self.heartbeat_interval,
                 "heartbeat_timeout": self.heartbeat_timeout, "max_message_size": self.max_message_size,
-                "confirms_results": self.journal.persistent}))
+                "confirms_results": self.journal.persistent, "jobs_env": JOBS_ENV}))
         except BaseException as exc:  # a peer half registered would be a ghost that breaks its next HELLO
             self._drop(peer, lost=True, reason=f"handshake failed: {type(exc).__name__}")
             if isinstance(exc, ConnectionClosed):

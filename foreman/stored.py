@@ -40,10 +40,10 @@ class StoredJob:
         self.subscribers: list[Subscriber] = []
         self.orphaned_at: float | None = None  # when its last subscriber went away (for the orphan rule)
         self.over = False  # its end is journaled and told: a later end (cancelling an aborted job) changes nothing
+        self.failure: str | None = None  # set before cancelling it (a task failed, a quota): it ends failed
         self._next_seq = row.next_seq
         self.quota = quota or ClientQuota()  # its owner's: counts this job and its unanswered input
         self.quota.job_started(self.id, self.owner)
-        self.failure: str | None = None  # set before cancelling it: the job ends as failed, with this reason
 
     def add_input(self, start: int, count: int, payload: bytes | memoryview) -> bool:
         """Journal a batch of input; False for a batch already received (a client resending after a reconnect)."""

@@ -29,3 +29,16 @@ def executions(log: str) -> list[int]:
             return [int(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
+
+
+class TaskFailed(Exception):
+    pass
+
+
+def fails_at_3(x: int, later: float = 0.0) -> int:
+    """x, except for 3, which raises TaskFailed; tasks after it sleep ``later`` seconds first."""
+    if x == 3:
+        raise TaskFailed(f"bad input {x}")
+    if x > 3:
+        time.sleep(later)
+    return x

@@ -243,3 +243,227 @@ def test_worker_with_wrong_token_from_environment_exits_2() -> None:
         assert result.returncode == 2
         assert "invalid token" in result.stderr
         assert fm.workers == []
+
+
+# -- versions, names and help (issue 21) -------------------------------------------------------------------------
+
+def _version() -> str:
+    from foreman.version import VERSION
+    return VERSION
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param(["crowdcompute", "--version"], id="crowdcompute --version"),
+    pytest.param([sys.executable, "-m", "foreman", "--version"], id="python -m foreman --version"),
+    pytest.param([sys.executable, "-m", "worker", "--version"], id="python -m worker --version"),
+    pytest.param(["crowdcompute", "worker", "--version"], id="crowdcompute worker --version"),
+])
+def test_version(command: list[str]) -> None:
+    if command[0] == "crowdcompute":
+        command = [str(crowdcompute()), *command[1:]]
+    result = run(*command)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() [-1] == _version()
+
+
+def test_the_version_is_defined_once() -> None:
+    from importlib.metadata import version
+
+    from worker.worker import VERSION
+    root = Path(__file__).parent.parent
+    assert "version = attr: foreman.version.VERSION" in (root / "setup.cfg").read_text()
+    assert not re.search(r"^VERSION = ", (root / "worker" / "worker.py").read_text(), re.MULTILINE)
+    assert VERSION == _version() == version("crowdcompute")
+
+
+@pytest.mark.parametrize("command", ["foreman", "worker", "jobs"])
+def test_console_script_help_names_the_command_typed(command: str) -> None:
+    result = run(crowdcompute(), command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: crowdcompute {command}")
+    assert "python -m" not in result.stdout.splitlines()[0]
+
+
+def test_foreman_help_shows_defaults_and_that_the_token_serves_clients() -> None:
+    result = run(sys.executable, "-m", "foreman", "--help")
+    text = " ".join(result.stdout.split())
+    for shown in ("default 9000", "seconds between worker heartbeats (default 5)", "(default 30)",
+                  "this machine (default 0)", "--max-message-size"):
+        assert shown in text, shown
+    assert "scripts connect with it as clients" in text
+
+
+def test_worker_help_names_every_environment_variable_and_default() -> None:
+    text = " ".join(run(sys.executable, "-m", "worker", "--help").stdout.split())
+    for name in ("CROWDCOMPUTE_HEARTBEAT_INTERVAL", "CROWDCOMPUTE_DRAIN_TIMEOUT", "CROWDCOMPUTE_MAX_MESSAGE_SIZE",
+                 "CROWDCOMPUTE_LOG_LEVEL", "CROWDCOMPUTE_MAX_TASK_SECONDS"):
+        assert name in text
+    for shown in ("default 5)", "default 30)", "default: CPU count", "default ws://127.0.0.1:9000", "default INFO",
+                  "Linux and macOS"):
+        assert shown in text, shown
+
+
+def test_quickstart_documents_only_flags_it_has() -> None:
+    source = (Path(__file__).parent.parent / "examples" / "quickstart.py").read_text()
+    usage = source.split('"""')[1]
+    documented = set(re.findall(r"--[a-z-]+", usage))
+    assert documented and documented <= set(re.findall(r'add_argument\("(--[a-z-]+)"', source))
+
+
+# -- busy ports --------------------------------------------------------------------------------------------------
+
+def _listening_pair() -> tuple[int, socket.socket | None]:
+    """A port P with P + 1 free too (for the dashboard), found by binding both."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port, None
+        except OSError:
+            continue
+    pytest.skip("no two adjacent free ports on loopback")
+
+
+@pytest.mark.parametrize("taken, flags", [
+    pytest.param(0, ["--port"], id="the workers' port"),
+    pytest.param(1, ["--http-port", "--no-dashboard"], id="the dashboard's port"),
+])
+def test_foreman_on_a_busy_port_says_which_in_one_line(taken: int, flags: list[str]) -> None:
+    port, _ = _listening_pair()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port + taken))
+        squatter.listen()
+        result = run(sys.executable, "-m", "foreman", "--port", str(port))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert f"port {port + taken} " in lines[0] and "in use" in lines[0]
+    for flag in flags:
+        assert flag in lines[0]
+    assert "listening" not in result.stdout + result.stderr
+    assert "foreman ready" not in result.stdout
+
+
+def test_foreman_rejects_a_tiny_max_message_size() -> None:
+    result = run(sys.executable, "-m", "foreman", "--port", "0", "--max-message-size", "1k")
+    assert result.returncode == 2
+    assert "--max-message-size" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- crowdcompute jobs: the user's mistakes, one line each -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[Foreman]:
+    with Foreman(port=0, token="t0k", local_workers=1, dashboard=False) as fm:
+        fm.wait_for_workers(1, timeout=TIMEOUT)
+        yield fm
+
+
+# The clients below use service_tasks, not tasks: a client registers its functions' module to travel by value for
+# the rest of this process, which would change the remote tracebacks of later tests that use tasks.
+
+def jobs(service: Foreman, *args: str, token: str | None = "t0k") -> subprocess.CompletedProcess[str]:
+    """``crowdcompute jobs ARGS --address A [--token T]``: the connection flags after the command."""
+    return run(crowdcompute(), "jobs", *args, "--address", service.address, *(["--token", token] if token else []))
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("crowdcompute jobs: "), lines[0]
+    return lines[0]
+
+
+def test_jobs_flags_after_the_command(service: Foreman) -> None:
+    result = jobs(service, "list")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:2] == ["id", "state"]
+
+
+@pytest.mark.parametrize("token, reason", [("wrong", "invalid token"), (None, "token required")])
+def test_jobs_with_a_wrong_or_missing_token_is_one_line(service: Foreman, token: str | None, reason: str) -> None:
+    result = jobs(service, "list", token=token)
+    assert result.returncode == 2
+    assert reason in one_line_error(result)
+
+
+def test_jobs_with_an_http_address_is_one_line(service: Foreman) -> None:
+    address = service.address.replace("ws://", "http://")
+    result = run(crowdcompute(), "jobs", "list", "--address", address, "--token", "t0k")
+    assert result.returncode == 2
+    assert repr(address) in one_line_error(result)
+
+
+def test_a_client_given_an_http_address_raises_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="ws://HOST:PORT"):
+        Foreman.connect("http://127.0.0.1:9", token="t")
+
+
+def test_a_client_cannot_set_the_foremans_message_limit(service: Foreman) -> None:
+    with pytest.raises(ValueError, match="--max-message-size"):
+        Foreman.connect(service.address, token="t0k", max_message_size=256 << 20)
+
+
+def test_jobs_on_a_finished_and_a_cancelled_job(service: Foreman) -> None:
+    from service_tasks import nap_square
+
+    with Foreman.connect(service.address, token="t0k") as client:
+        finished = client.submit_job(nap_square, range(3))
+        assert finished.results(timeout=TIMEOUT) == [0, 1, 4]
+        running = client.submit_job(nap_square, [1], [30.0])
+    result = jobs(service, "cancel", str(finished.id))
+    assert result.returncode == 1
+    assert f"job {finished.id} is already done" in one_line_error(result)
+    assert "cancelled" not in result.stdout
+
+    result = jobs(service, "cancel", str(running.id))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"job {running.id} cancelled"
+    result = jobs(service, "results", str(running.id), "--timeout", "30")
+    assert result.returncode == 1
+    assert f"job {running.id} was cancelled" in one_line_error(result)
+
+
+# -- a script's jobs end when it does (issue 21) -----------------------------------------------------------------
+
+def _state(service: Foreman, job_id: int) -> str:
+    """The job's state as the admin lists it (not through ``admin.job(id)``: attaching a handle ends the input)."""
+    with Foreman.connect(service.address, token="t0k") as admin:
+        (job,) = [job for job in admin.jobs() if job["id"] == job_id]
+        return str(job["state"])
+
+
+def test_a_submit_job_is_done_as_soon_as_its_script_closes(service: Foreman) -> None:
+    from service_tasks import nap_square
+
+    with Foreman.connect(service.address, token="t0k") as client:
+        assert client.submit(nap_square, 7, 0.0).result(timeout=TIMEOUT) == 49
+    # The script ends here, within the second its submit stream would idle before it ended the job's input.
+    # Before: 'running 1 ?' until the client's grace (5 minutes) ran out.
+    with Foreman.connect(service.address, token="t0k") as admin:
+        job_id = max(job["id"] for job in admin.jobs())
+    wait_until(lambda: _state(service, job_id) == "done", timeout=10, interval=0.2)
+
+
+def test_a_map_that_raised_is_failed_not_cancelled(service: Foreman) -> None:
+    from service_tasks import TaskFailed, fails_at_3
+
+    with Foreman.connect(service.address, token="t0k") as client:
+        with pytest.raises(TaskFailed):
+            # The tasks after the failure take a while, so the job still runs when the map raises (one whose
+            # tasks had all finished first ends 'done': every task ran).
+            client.map(fails_at_3, range(10), [2.0] * 10, chunksize=1)
+        job_id = max(job["id"] for job in client.jobs())
+    wait_until(lambda: _state(service, job_id) != "running", timeout=TIMEOUT, interval=0.2)
+    with Foreman.connect(service.address, token="t0k") as admin:
+        (info,) = [job for job in admin.jobs() if job["id"] == job_id]
+    assert info["state"] == "failed"
+    assert "task 3 failed" in info["error"] and "bad input 3" in info["error"]
+    listing = jobs(service, "list", "--state", "failed")
+    assert any(line.split()[0] == str(job_id) for line in listing.stdout.splitlines()[1:])

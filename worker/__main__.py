@@ -13,10 +13,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from foreman import protocol
 from foreman.tls import parse_fingerprint
 from worker import malloc, polling
-from worker.config import WorkerConfig, default_worker_id
-from worker.limits import parse_size
+from foreman.version import VERSION
+from worker.config import WorkerConfig, default_worker_id, unsupported_platform
+from worker.limits import format_size, parse_size
 from worker.prefs import Prefs
 from worker.sysinfo import cpu_count
 from worker.worker import FatalConnectionError, Worker
@@ -82,31 +84,45 @@ def _prefs(args: argparse.Namespace) -> Prefs:
     return Prefs.load(args.config, **given) if args.config else Prefs(**given)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m worker") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m worker",
-        description="Run a CrowdCompute worker: dial out to a foreman and run the tasks it sends.",
+        prog=prog,
+        description="Run a CrowdCompute worker: dial out to a foreman and run the tasks it sends. Runs on "
+                    "Linux and macOS.",
         epilog="Environment variables: CROWDCOMPUTE_FOREMAN, CROWDCOMPUTE_TOKEN, CROWDCOMPUTE_CONCURRENCY, "
-               "CROWDCOMPUTE_WORKER_ID, CROWDCOMPUTE_CAPABILITIES, CROWDCOMPUTE_LOG_LEVEL, "
+               "CROWDCOMPUTE_WORKER_ID, CROWDCOMPUTE_CAPABILITIES, CROWDCOMPUTE_HEARTBEAT_INTERVAL, "
+               "CROWDCOMPUTE_DRAIN_TIMEOUT, CROWDCOMPUTE_MAX_MESSAGE_SIZE, CROWDCOMPUTE_LOG_LEVEL, "
                "CROWDCOMPUTE_DASHBOARD_HOST, CROWDCOMPUTE_DASHBOARD_PORT, CROWDCOMPUTE_DASHBOARD_TOKEN, "
                "CROWDCOMPUTE_CAFILE, CROWDCOMPUTE_FINGERPRINT, CROWDCOMPUTE_MAX_TASK_SECONDS, "
-               "CROWDCOMPUTE_MAX_MEMORY.")
+               "CROWDCOMPUTE_MAX_MEMORY. The dashboard needs the web stack: pip install 'crowdcompute[dashboard]'.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     parser.add_argument("foreman_url", nargs="?", default=_env("FOREMAN", "ws://127.0.0.1:9000"),
                         help="the foreman's address, ws://HOST:PORT, or wss://HOST:PORT for TLS, or unix:PATH "
-                             "for the private socket of a foreman on this machine (env CROWDCOMPUTE_FOREMAN); "
-                             "an address printed as ws://HOST:PORT/?token=T carries the token (--token wins)")
+                             "for the private socket of a foreman on this machine (env CROWDCOMPUTE_FOREMAN; "
+                             "default ws://127.0.0.1:9000); an address printed as ws://HOST:PORT/?token=T carries "
+                             "the token (--token wins)")
     parser.add_argument("--token", default=_env("TOKEN"), help="shared secret the foreman expects "
                         "(env CROWDCOMPUTE_TOKEN; prefer the variable: command lines are visible to other users)")
     parser.add_argument("--concurrency", type=int, default=_env("CONCURRENCY", str(cpu_count())),
-                        help="tasks run at once, each in its own process (default: CPU count)")
+                        help="tasks run at once, each in its own process (env CROWDCOMPUTE_CONCURRENCY; "
+                             "default: CPU count)")
     parser.add_argument("--worker-id", default=_env("WORKER_ID") or default_worker_id(),
-                        help="stable name of this worker (default: hostname plus a random suffix)")
+                        help="stable name of this worker (env CROWDCOMPUTE_WORKER_ID; default: hostname plus a "
+                             "random suffix)")
     parser.add_argument("--capabilities", default=_env("CAPABILITIES", ""),
-                        help="comma-separated labels jobs may require, e.g. gpu,high-memory")
+                        help="comma-separated labels jobs may require, e.g. gpu,high-memory (env "
+                             "CROWDCOMPUTE_CAPABILITIES; default: none)")
     parser.add_argument("--heartbeat-interval", type=float, default=_env("HEARTBEAT_INTERVAL", "5"),
-                        help="seconds between heartbeats until the foreman sets its own")
+                        help="seconds between heartbeats until the foreman sets its own (env "
+                             "CROWDCOMPUTE_HEARTBEAT_INTERVAL; default 5)")
     parser.add_argument("--drain-timeout", type=float, default=_env("DRAIN_TIMEOUT", "30"),
-                        help="on SIGTERM, seconds running tasks get to finish before being handed back")
+                        help="on SIGTERM, seconds running tasks get to finish before being handed back (env "
+                             "CROWDCOMPUTE_DRAIN_TIMEOUT; default 30)")
+    parser.add_argument("--max-message-size", type=_checked(parse_size), metavar="SIZE",
+                        default=_env("MAX_MESSAGE_SIZE", format_size(protocol.DEFAULT_MAX_MESSAGE_SIZE)),
+                        help="largest message taken from the foreman, e.g. 256M: a task's pickled argument must "
+                             "fit; bounds this worker's memory per message (env CROWDCOMPUTE_MAX_MESSAGE_SIZE; "
+                             "default 64M, the foreman's default)")
     parser.add_argument("--no-reconnect", action="store_true", help="exit when the connection drops")
     parser.add_argument("--cafile", default=_env("CAFILE"),
                         help="wss:// only: verify the foreman's certificate against this PEM CA file instead of "
@@ -135,13 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow a dashboard beyond localhost without a token: anyone who reaches it can "
                              "restart this worker")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING or ERROR (env CROWDCOMPUTE_LOG_LEVEL; default INFO)")
     _add_prefs_flags(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
+    args = build_parser(prog).parse_args(argv)
+    refusal = unsupported_platform()
+    if refusal is not None:
+        print(f"worker: {refusal}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = WorkerConfig(
@@ -152,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             parent_pid=args.parent_pid, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
             dashboard_port=args.dashboard_port, dashboard_token=args.dashboard_token,
             dashboard_insecure=args.insecure, cafile=args.cafile, fingerprint=args.fingerprint,
-            max_task_seconds=args.max_task_seconds, max_memory=args.max_memory, prefs=_prefs(args))
+            max_task_seconds=args.max_task_seconds, max_memory=args.max_memory, prefs=_prefs(args),
+            max_message_size=args.max_message_size)
     except ValueError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2

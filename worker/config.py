@@ -16,6 +16,18 @@ from worker.limits import Limits
 from worker.prefs import Prefs
 
 
+#: Where a worker runs: task processes get their work and their shared memory over a Unix socket (``sendmsg``).
+SUPPORTED_PLATFORMS = "Linux and macOS"
+
+
+def unsupported_platform(os_name: str = os.name, has_sendmsg: bool = hasattr(socket.socket, "sendmsg")) -> str | None:
+    """Why a worker cannot run on this platform (one line, for its refusal), or None where it can."""
+    if os_name == "posix" and has_sendmsg:
+        return None
+    return (f"workers run on {SUPPORTED_PLATFORMS} (POSIX) only, not yet on Windows: their task processes are "
+            "handed work with sendmsg, which this platform lacks (WSL is Linux, and works)")
+
+
 def default_worker_id() -> str:
     """``CROWDCOMPUTE_WORKER_ID`` if set (a hard restart pins it there), else hostname plus a random suffix."""
     return os.environ.get("CROWDCOMPUTE_WORKER_ID") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"

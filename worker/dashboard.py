@@ -93,7 +93,7 @@ class Dashboard:
         self._server.stop()
         try:
             await asyncio.wait_for(self._serving, 5)
-        except (TimeoutError, asyncio.CancelledError):
+        except (asyncio.TimeoutError, asyncio.CancelledError):
             log.warning("the dashboard did not stop in time")
         await asyncio.to_thread(self.sampler.close)
 
@@ -222,7 +222,7 @@ def create_app(worker: Worker, sampler: Sampler, access: Access) -> FastAPI:
                 await websocket.send_text(json.dumps(stats.live(worker, sampler)))
                 try:
                     message = await asyncio.wait_for(websocket.receive(), LIVE_INTERVAL)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     continue
                 if message["type"] == "websocket.disconnect":
                     return

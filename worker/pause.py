@@ -20,7 +20,8 @@ log = logging.getLogger("crowdcompute.worker")
 def start(worker: Worker, sampler: Sampler | None) -> list[asyncio.Task[None]]:
     """Start what the worker's preferences ask for; ``sampler`` replaces the machine's readings (tests).
 
-    RuntimeError if this machine cannot honour them (no psutil for the pause rules, no POSIX signals for max_cpu).
+    RuntimeError if this machine cannot honour them (no POSIX signals for max_cpu). Without psutil, the rules that
+    need its readings are skipped with one warning; the clock's (active hours) still apply.
     """
     prefs, executor = worker.config.prefs, worker.executor
     assert executor is not None
@@ -31,8 +32,12 @@ def start(worker: Worker, sampler: Sampler | None) -> list[asyncio.Task[None]]:
             throttle = Throttle(executor.task_pids, duty)
             log.info("max_cpu %g%%: task processes run %.0f%% of the time", prefs.max_cpu, duty * 100)
     if prefs.rules() and sampler is None:
-        from worker.readings import MachineSampler
-        sampler = MachineSampler()
+        from worker import readings
+        sampler = readings.MachineSampler()
+        skipped = [readings.NEEDS_PSUTIL[rule.name] for rule in prefs.rules() if rule.name in readings.NEEDS_PSUTIL]
+        if skipped and readings.psutil is None:
+            log.warning("psutil is missing: skipping the rule(s) %s, which read the machine with it (pip install "
+                        "psutil adds them)", ", ".join(f"--{name.replace('_', '-')}" for name in skipped))
     tasks: list[asyncio.Task[None]] = []  # created last: nothing is left running if the above raised
     if prefs.rules() and sampler is not None:
         tasks.append(asyncio.create_task(watch(worker, prefs.policy(), sampler, prefs.sample_interval)))

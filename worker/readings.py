@@ -7,6 +7,9 @@
 - keyboard and mouse idle time: only under X11 with ``xprintidle`` installed; None elsewhere, and the rule that
   needs it is skipped.
 
+Without psutil (a minimal install) only the clock and ``xprintidle`` are read: the CPU, battery and temperature
+readings are None, so their rules are skipped (:data:`NEEDS_PSUTIL` names them) and the clock's still apply.
+
 Reads block for milliseconds (a subprocess for ``xprintidle``): call :meth:`MachineSampler.read` off the loop.
 """
 
@@ -24,22 +27,28 @@ from worker.sysinfo import psutil
 #: Sensor chips that measure the CPU itself (psutil names them after their Linux drivers).
 CPU_SENSORS = ("coretemp", "k10temp", "zenpower", "cpu_thermal", "cpu-thermal", "soc_thermal")
 
+#: The rules whose readings come from psutil, by rule name, with the preference that switches each on.
+NEEDS_PSUTIL = {"owner_cpu": "max_owner_cpu", "on_battery": "pause_on_battery", "low_battery": "min_battery",
+                "hot_cpu": "max_cpu_temp"}
+
 
 class MachineSampler:
-    """Readings of this machine. Raises RuntimeError without psutil: the owner's rules need it."""
+    """Readings of this machine; without psutil, only the time of day and the keyboard's idle time."""
 
     def __init__(self) -> None:
+        self._xprintidle = shutil.which("xprintidle") if os.environ.get("DISPLAY") else None
         if psutil is None:
-            raise RuntimeError("the owner's pause rules read the machine with psutil: pip install psutil")
+            return
         self._me = psutil.Process()
         self._cpus = psutil.cpu_count() or 1
-        self._xprintidle = shutil.which("xprintidle") if os.environ.get("DISPLAY") else None
         self._seen: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU seconds at the last read
         self._last = time.time()
         psutil.cpu_percent()  # the first call only starts the measurement
         self._our_cpu()
 
     def read(self) -> Readings:
+        if psutil is None:
+            return Readings(local_time=datetime.datetime.now().time(), idle_seconds=self._idle_seconds())
         machine = psutil.cpu_percent()
         battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
         return Readings(

@@ -181,6 +181,7 @@ def status(worker: Worker) -> dict[str, Any]:
         "connected": worker.connected,
         "connected_since": worker.connected_at if worker.connected else None,
         "last_error": worker.last_error,
+        "env_mismatch": worker.env_mismatch if worker.connected else None,
         "pause_reason": worker.paused_reason,
         "current_tasks": [{"job": item.job_id, "start": item.start, "count": item.count,
                            "started": round(now - (clock - item.started), 3),

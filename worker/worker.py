@@ -26,6 +26,8 @@ from foreman import local_link, protocol, tls
 from foreman.errors import AuthenticationError, ProtocolError, VersionMismatchError
 from foreman.outbound import Outbound
 from foreman.protocol import CloseCode, Kind
+from foreman.serialization import env_mismatch
+from foreman.version import VERSION
 from worker import pause, sysinfo
 from worker.config import WorkerConfig
 from worker.executor import Executor, Outcome, WorkItem
@@ -40,8 +42,6 @@ if TYPE_CHECKING:
 Link = ClientConnection | local_link.LocalConnection
 
 log = logging.getLogger("crowdcompute.worker")
-
-VERSION = "0.1.0"
 
 
 @dataclass
@@ -79,6 +79,7 @@ class Worker:
         self.session = Session(max_delay=config.reconnect_max_delay)
         self.connected_at: float | None = None  # wall-clock time of the current connection's WELCOME
         self.last_error: str | None = None  # how the last connection attempt or connection ended
+        self.env_mismatch: str | None = None  # why this foreman's jobs cannot run here (Python, cloudpickle)
         self.draining = False
         self.history = BatchHistory()
         self.executor: Executor | None = None
@@ -242,8 +243,8 @@ class Worker:
         try:
             from worker.dashboard import Dashboard
         except ImportError as exc:
-            log.warning("running without a dashboard: the %s package is missing (the dashboard needs fastapi, "
-                        "uvicorn, jinja2 and prometheus-client; --no-dashboard silences this)", exc.name)
+            log.warning("running without a dashboard: the %s package is missing (pip install "
+                        "'crowdcompute[dashboard]' adds it; --no-dashboard silences this)", exc.name)
             return None
         dashboard = Dashboard(self)
         return dashboard if await dashboard.open() else None
@@ -272,7 +273,7 @@ class Worker:
                     f"{self.config.cafile or 'the system CA store'}: {exc.verify_message}; not sending the token. "
                     f"Give the CA that signed its certificate with --cafile, or pin the certificate with "
                     f"--fingerprint ({tls.FINGERPRINT_HELP})") from exc
-            except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
+            except (OSError, asyncio.TimeoutError, ConnectionClosed, InvalidHandshake, ProtocolError) as exc:
                 if isinstance(exc, ConnectionClosed):
                     _raise_if_refused(exc)  # a token revoked mid-session is as final as one refused at once
                 self.last_error = _describe(exc)
@@ -298,7 +299,7 @@ class Worker:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
             self._reconnect_now = False  # a restart during the wait has woken it
 
@@ -336,6 +337,9 @@ class Worker:
         self._last_heard = time.monotonic()
         log.info("connected to %s as %s (session %s)", self.config.foreman_url, self.config.worker_id,
                  welcome.header["session"])
+        self.env_mismatch = env_mismatch(welcome.header.get("jobs_env"))
+        if self.env_mismatch is not None:
+            log.warning("%s", self.env_mismatch)
         self._outbound = Outbound(ws)
         if self.paused_reason is not None:
             self._send(protocol.encode(Kind.PAUSE, {"paused": True, "reason": self.paused_reason}))

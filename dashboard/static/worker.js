@@ -29,8 +29,9 @@ function renderStatus(st) {
   $("status").className = `pill pill-${st.status}`;
   $("pause-reason").textContent = st.pause_reason ? `paused: ${st.pause_reason}` : "";
   $("connection").textContent = st.connected ? `connected since ${clock(st.connected_since)}`
+      + (st.env_mismatch ? ` — ${st.env_mismatch}` : "")
     : st.last_error ? `not connected: ${st.last_error}` : "connecting…";
-  $("connection").className = st.connected ? "" : "error";
+  $("connection").className = st.connected && !st.env_mismatch ? "" : "error";
   $("running").textContent = st.current_tasks.length;
   $("queued").textContent = st.queued_batches ? `· ${st.queued_batches} queued` : "";
   $("current").innerHTML = st.current_tasks.length ? st.current_tasks.map(t => `<tr>
