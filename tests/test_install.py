@@ -310,13 +310,17 @@ def test_the_wheel_installs_and_serves_both_dashboards(
                                    stderr=err, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path)
     processes.append(foreman)
     assert foreman.stdout is not None
-    address = foreman.stdout.readline().split()[-1]
-    dashboard = foreman.stdout.readline().split()[-1]
-    assert address.startswith("ws://") and dashboard.startswith("http://"), (tmp_path / "foreman.log").read_text()
+    said = [foreman.stdout.readline() for _ in range(4)]  # address, worker command, client line, dashboard
+    address = said[0].split()[-1]
+    worker_address = said[1].split()[-1].strip("'")  # carries the worker token the foreman made up
+    token = re.search(r"token='([^']+)'", said[2])
+    dashboard = said[3].split()[-1]
+    assert address.startswith("ws://") and dashboard.startswith("http://") and token, (
+        said, (tmp_path / "foreman.log").read_text())
     assert "<html" in urllib.request.urlopen(dashboard, timeout=TIMEOUT).read().decode().lower()
 
     log = tmp_path / "worker.log"
-    run_worker(processes, python, log, address, "--concurrency", "1", "--dashboard-port", "0", cwd=tmp_path)
+    run_worker(processes, python, log, worker_address, "--concurrency", "1", "--dashboard-port", "0", cwd=tmp_path)
     wait_until(lambda: lines_with(log, "dashboard at"), timeout=TIMEOUT)
     url = re.search(r"dashboard at (\S+)", lines_with(log, "dashboard at")[0]).group(1)  # type: ignore[union-attr]
     browser = urllib.request.Request(url, headers={"Accept": "text/html"})
@@ -326,5 +330,5 @@ def test_the_wheel_installs_and_serves_both_dashboards(
     assert static, page[:500]
     script = urllib.request.urlopen(url.rstrip("/") + "/" + static.group(1), timeout=TIMEOUT)
     assert script.status == 200 and len(script.read()) > 100  # a static file the wheel carries
-    with Foreman.connect(address) as client:
+    with Foreman.connect(address, token=token.group(1)) as client:
         assert client.map(lambda x: x + 1, range(3), timeout=TIMEOUT) == [1, 2, 3]
