@@ -29,6 +29,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from foreman.errors import CannotUnpickleError
 from foreman.protocol import CALL_ONE, CALL_STAR
 from foreman.serialization import ErrorEntry, dumps_results, error_entry, loads_items
 from worker import checkpoints, malloc, polling
@@ -158,13 +159,15 @@ class _LoadFailure:
     """Stands in for a function or argument batch that would not unpickle here; every task gets its error."""
 
     def __init__(self, what: str, exc: BaseException) -> None:
-        self.entry = error_entry(RuntimeError(f"cannot unpickle {what} on this worker: {type(exc).__name__}: {exc}"))
+        failure = CannotUnpickleError(f"cannot unpickle {what} on this worker: {type(exc).__name__}: {exc}")
+        failure.__cause__ = exc
+        self.entry = error_entry(failure)
 
 
 def _load(what: str, load: Callable[..., Any], *args: Any) -> Any:
     try:
         return load(*args)
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - user bytes: a SystemExit in a __reduce__ must not end the child
         return _LoadFailure(what, exc)
 
 
