@@ -188,6 +188,11 @@ class Foreman(AsyncAPI):
         server = self._server
         return self._call(lambda: list(server.peers))
 
+    @property
+    def slots(self) -> int:
+        """Tasks the connected workers run at once (the sum of their concurrency), as last known here."""
+        return int(self._backend.slots)
+
     def wait_for_workers(self, n: int = 1, timeout: float = 60.0) -> None:
         """Block until at least ``n`` workers are connected; TimeoutError after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
@@ -396,6 +401,15 @@ class Foreman(AsyncAPI):
 
     def __repr__(self) -> str:
         return f"<Foreman {self.address}{' closed' if self._closed else ''}>"
+
+    def _repr_html_(self) -> str:
+        """The summary a notebook shows for a foreman (as Dask's ``Client`` does): address, workers, task slots,
+        and a link to the dashboard."""
+        from foreman.notebook import foreman_summary_html
+
+        if self._closed:
+            return foreman_summary_html(self.address, None, None, None, closed=True)
+        return foreman_summary_html(self.address, len(self.workers), self.slots, self.dashboard_url)
 
     # -- crossing into the event loop ------------------------------------------------------------------------
 
