@@ -98,6 +98,10 @@ class Foreman(AsyncAPI):
     :param cafile: (connected) verify a ``wss://`` foreman's certificate with this CA bundle.
     :param fingerprint: (connected) accept only the ``wss://`` foreman whose certificate has this SHA-256
         fingerprint (``python -m foreman --print-fingerprint CERT``).
+    :param local_authkey: give the local workers' task processes this ``multiprocessing`` authentication key, so
+        that ``multiprocessing.Manager()`` proxies made here work in their tasks (``ForemanExecutor`` passes this
+        process's own, as a process pool's children inherit it). Only for a foreman whose local workers run this
+        process's own work: whoever runs code there can reach this process's managers.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
@@ -107,7 +111,8 @@ class Foreman(AsyncAPI):
                  dashboard: bool = True, http_port: int | None = None, trust_workers: bool | None = None,
                  certfile: str | None = None, keyfile: str | None = None, data_dir: str | None = None,
                  retention: float = 7 * 86400, client_grace: float = 300.0, address: str | None = None,
-                 cafile: str | None = None, fingerprint: str | None = None) -> None:
+                 cafile: str | None = None, fingerprint: str | None = None,
+                 local_authkey: bytes | None = None) -> None:
         self._closed = False
         self._default_options = JobOptions()
         self._streams: dict[tuple[str, int], SubmitStream] = {}  # open submit streams (event loop only)
@@ -138,7 +143,7 @@ class Foreman(AsyncAPI):
                 http_port=http_port if dashboard else None, trust_workers=trust_workers, ssl_context=tls,
                 journal=journal, client_grace=client_grace)
             pin = certificate_fingerprint(certfile) if certfile else None
-            self._local = LocalWorkers(auth.local_token(), heartbeat_interval, pin)
+            self._local = LocalWorkers(auth.local_token(), heartbeat_interval, pin, local_authkey)
         # The loop thread starts once every argument has been checked: a refused one leaves nothing running.
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="crowdcompute-foreman", daemon=True)

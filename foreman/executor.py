@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import logging
+import multiprocessing
 import os
 import threading
 import uuid
@@ -79,6 +80,9 @@ class ForemanExecutor(concurrent.futures.Executor):
             if max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")
             options.setdefault("port", 0)
+            # Its workers run only this process's work: they may hold its multiprocessing authkey, so that
+            # Manager proxies passed to calls work, as in a process pool's children.
+            options.setdefault("local_authkey", bytes(multiprocessing.current_process().authkey))
             foreman = Foreman(local_workers=max_workers, **options)
             owns = True
             # Ready when constructed, as a process pool is: work submitted now is taken at once (and counts as
@@ -195,6 +199,8 @@ class _State:
 
     def shutdown(self, wait: bool, cancel_futures: bool = False) -> None:
         with self.lock:
+            if self._closed and not self.futures:
+                return  # done already (a collected executor that was shut down)
             self.shutting_down = True
             futures = list(self.futures)
         if cancel_futures:

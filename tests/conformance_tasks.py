@@ -89,3 +89,9 @@ class ExitAtPickle:
 class ExitAtUnpickle:
     def __reduce__(self) -> object:
         return sys.exit, (1,)
+
+
+def set_event(event: object) -> bool:
+    """Set a ``multiprocessing.Manager().Event()`` proxy passed in (it connects back to the caller's manager)."""
+    event.set()  # type: ignore[attr-defined]
+    return True

@@ -339,12 +339,24 @@ def test_submit_from_an_atexit_handler_raises_runtime_error() -> None:
 
 # -- conscious differences (README: API) ---------------------------------------------------------------------------
 
-def test_manager_proxy_argument_fails_with_a_clear_error(executor: ForemanExecutor) -> None:
-    """A difference: workers are not multiprocessing children of this process and do not hold its
-    authentication key, so a Manager proxy does not connect back from them. The call fails at once with
-    BrokenProcessPool saying so, rather than hanging; the fleet goes on."""
+def test_manager_proxy_works_on_the_executors_own_workers(executor: ForemanExecutor) -> None:
+    """test_init's log queue, test_shutdown's semaphore: a Manager proxy passed to a call connects back to this
+    process's manager, as from a process pool's children (the executor's local workers hold its authkey)."""
     with multiprocessing.get_context("spawn").Manager() as manager:
-        future = executor.submit(t.identity, manager.Event())
-        with pytest.raises(BrokenProcessPool, match="cannot unpickle.*AuthenticationError"):
-            future.result(timeout=SHORT)
-    assert executor.submit(t.mul, 6, 7).result(timeout=SHORT) == 42
+        event = manager.Event()
+        assert executor.submit(t.set_event, event).result(timeout=SHORT) is True
+        assert event.is_set()
+
+
+def test_manager_proxy_fails_clearly_on_workers_without_the_authkey() -> None:
+    """A difference: a fleet's other workers are not this process's children and do not hold its authkey, so a
+    proxy does not connect back from them. The call fails at once with BrokenProcessPool saying so, rather than
+    hanging; the fleet goes on. (Here: an executor over a foreman not made to share the key.)"""
+    from foreman import Foreman
+
+    with Foreman(port=0, local_workers=1, **FAST) as fm, fm.executor() as ex:
+        with multiprocessing.get_context("spawn").Manager() as manager:
+            future = ex.submit(t.set_event, manager.Event())
+            with pytest.raises(BrokenProcessPool, match="cannot unpickle.*AuthenticationError"):
+                future.result(timeout=SHORT)
+        assert ex.submit(t.mul, 6, 7).result(timeout=SHORT) == 42
