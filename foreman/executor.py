@@ -97,7 +97,7 @@ class ForemanExecutor(concurrent.futures.Executor):
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._token = uuid.uuid4().hex  # names this executor's initializer in the task processes
-        self._state = _State(foreman, owns)
+        self._state = _State(foreman, owns, initializer is not None)
         with _live_lock:
             _live.add(self._state)
         # Dropped without shutdown: shut down in the background, as ProcessPoolExecutor does on collection.
@@ -162,9 +162,10 @@ class _State:
     """What an executor's shutdown needs, apart from the executor itself, so that the executor can be collected
     (and its finalizer shut this down) while work is pending."""
 
-    def __init__(self, foreman: Foreman, owns: bool) -> None:
+    def __init__(self, foreman: Foreman, owns: bool, initialized: bool) -> None:
         self.foreman = foreman
         self.owns = owns  # close the foreman at shutdown
+        self.initialized = initialized  # calls run after an initializer: an InitializerError breaks the executor
         self.lock = threading.Lock()
         self.shutting_down = False
         self.broken: str | bool = False
@@ -185,7 +186,7 @@ class _State:
     def forget(self, future: concurrent.futures.Future[Any]) -> None:
         with self.lock:
             self.futures.discard(future)
-        if not future.cancelled() and isinstance(future.exception(), InitializerError):
+        if self.initialized and not future.cancelled() and isinstance(future.exception(), InitializerError):
             self.break_(future.exception())  # type: ignore[arg-type]
 
     def break_(self, error: BaseException) -> None:
@@ -276,7 +277,8 @@ class _MapResults:
                 return next(self._job)
             except InitializerError as exc:
                 self._done = True
-                self._state.break_(exc)
+                if self._state.initialized:
+                    self._state.break_(exc)
                 raise
             except BaseException:
                 self._done = True

@@ -150,7 +150,7 @@ def dumps_items(items: Sequence[Any], first_index: int = 0, out_of_band: bool = 
                 cloudpickle.dumps(item, protocol=PICKLE_PROTOCOL)
             except Exception as exc:
                 raise CannotPickleError(f"cannot pickle the argument of task {first_index + offset} "
-                                         f"({type(item).__name__}): {type(exc).__name__}: {exc}") from exc
+                                        f"({type(item).__name__}): {type(exc).__name__}: {exc}") from exc
         raise
 
 

@@ -32,8 +32,19 @@ def test_parallel_runs_on_the_fleet(fm: Foreman) -> None:
     with joblib.parallel_config(backend="crowdcompute", foreman=fm):
         results = joblib.Parallel(n_jobs=-1)(joblib.delayed(whoami)(i) for i in range(40))
     assert [x for x, _ in results] == list(range(40))
-    workers = {child.pid for child in psutil.Process().children() if "worker" in child.cmdline()}
-    assert {pid for _, pid in results} <= workers, "some calls ran outside the fleet's local workers"
+    assert {pid for _, pid in results} <= _local_workers(), "some calls ran outside the fleet's local workers"
+
+
+def _local_workers() -> set[int]:
+    """Pids of this process's children that run ``python -m worker``."""
+    pids = set()
+    for child in psutil.Process().children():
+        try:
+            if child.cmdline()[1:3] == ["-m", "worker"]:
+                pids.add(child.pid)
+        except psutil.Error:  # ended meanwhile
+            pass
+    return pids
 
 
 def test_n_jobs_minus_one_is_every_slot_of_the_fleet(fm: Foreman) -> None:
