@@ -222,7 +222,8 @@ class Runner:
             if extra:
                 print("crowdcompute only:", file=sys.stderr, flush=True)
             for workload in extra:
-                fn = {"imap": workloads.imap_rss, "scaling": workloads.scaling, "fleet": workloads.fleet}[workload]
+                fn = {"imap": workloads.imap_rss, "scaling": workloads.scaling, "fleet": workloads.fleet,
+                      "joblib": workloads.joblib_backends}[workload]
                 self.guarded(f"crowdcompute:{workload}", fn, self.sizes)
         return 0
 

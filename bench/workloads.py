@@ -20,7 +20,7 @@ import tasks
 from backends import BENCH_DIR, Backend, CrowdCompute, worker_pythonpath
 
 SHARED = ("startup", "trivial", "roundtrip", "cpu", "payload")
-CROWDCOMPUTE_ONLY = ("imap", "scaling", "fleet")
+CROWDCOMPUTE_ONLY = ("imap", "scaling", "fleet", "joblib")
 ALL = SHARED + CROWDCOMPUTE_ONLY
 
 MB = 1_000_000  # payload sizes and MB/s are decimal megabytes; RSS is reported in MiB
@@ -53,6 +53,9 @@ class Sizes:
     fleet_tiny_tasks: int = 20_000
     fleet_tiny_seconds: float = 0.0001
     fleet_cpu_tasks: int = 200
+    joblib_tiny_tasks: int = 20_000
+    joblib_cpu_tasks: int = 200
+    joblib_cpu_seconds: float = 0.020
     workload_timeout: float = 600.0
 
     @classmethod
@@ -62,7 +65,8 @@ class Sizes:
         return cls(quick=True, startup_repeats=1, trivial_scale=0.1, trivial_repeats=1, roundtrip_calls=50,
                    roundtrip_warmup=5, cpu_tasks=20, payload_tasks=20, payload_warmup=2, repeats=1,
                    imap_lengths=(100_000, 1_000_000), scaling_tiny=20_000, scaling_cpu_tasks=16,
-                   fleet_tiny_tasks=2_000, fleet_cpu_tasks=30, workload_timeout=150.0)
+                   fleet_tiny_tasks=2_000, fleet_cpu_tasks=30, joblib_tiny_tasks=2_000, joblib_cpu_tasks=30,
+                   workload_timeout=150.0)
 
 
 def record(workload: str, metric: str, value: float | None, unit: str, backend: str = "crowdcompute",
@@ -310,3 +314,47 @@ def worker_flags(env: dict[str, str]) -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return ["--no-dashboard"] if "--no-dashboard" in done.stdout else []
+
+
+def joblib_backends(sizes: Sizes) -> list[dict[str, Any]]:
+    """``joblib.Parallel`` over the fleet (joblib's auto-batching, and one fleet call per joblib call) beside
+    joblib's own loky backend and Dask's joblib backend (when dask.distributed is installed), with the same
+    worker count: tiny calls (``inc``: batching decides) and CPU calls (``burn``: parallelism decides).
+    """
+    import joblib
+
+    import foreman.joblib_backend  # noqa: F401 - registers "crowdcompute"
+    from foreman import Foreman
+
+    workers = sizes.workers
+    out: list[dict[str, Any]] = []
+
+    def measure(label: str, **config: Any) -> None:
+        with joblib.parallel_config(n_jobs=workers, **config):
+            joblib.Parallel()(joblib.delayed(tasks.inc)(i) for i in range(100))  # warm: workers up, code loaded
+            t0 = time.perf_counter()
+            joblib.Parallel()(joblib.delayed(tasks.inc)(i) for i in range(sizes.joblib_tiny_tasks))
+            tiny = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            joblib.Parallel()(joblib.delayed(tasks.burn)(sizes.joblib_cpu_seconds)
+                              for _ in range(sizes.joblib_cpu_tasks))
+            cpu = time.perf_counter() - t0
+        ideal = sizes.joblib_cpu_tasks * sizes.joblib_cpu_seconds / workers
+        out.append(record("joblib", "tiny_tasks_per_s", sizes.joblib_tiny_tasks / tiny, "tasks/s", backend=label,
+                          n=sizes.joblib_tiny_tasks))
+        out.append(record("joblib", "cpu_efficiency", ideal / cpu, "fraction", backend=label,
+                          n=sizes.joblib_cpu_tasks, seconds=cpu))
+
+    with Foreman(port=0, local_workers=workers) as fm:
+        fm.wait_for_workers(workers, timeout=60)
+        measure("crowdcompute-joblib-batching", backend="crowdcompute", foreman=fm, batching="joblib")
+        measure("crowdcompute-no-batching", backend="crowdcompute", foreman=fm, batching="none")
+    measure("loky", backend="loky")
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        out.append(record("joblib", "skipped", None, "", backend="dask", why="dask.distributed is not installed"))
+    else:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True) as cluster, Client(cluster):
+            measure("dask", backend="dask")
+    return out

@@ -119,6 +119,10 @@ class Foreman(AsyncAPI):
     :param cafile: (connected) verify a ``wss://`` foreman's certificate with this CA bundle.
     :param fingerprint: (connected) accept only the ``wss://`` foreman whose certificate has this SHA-256
         fingerprint (``python -m foreman --print-fingerprint CERT``).
+    :param local_authkey: give the local workers' task processes this ``multiprocessing`` authentication key, so
+        that ``multiprocessing.Manager()`` proxies made here work in their tasks (``ForemanExecutor`` passes this
+        process's own, as a process pool's children inherit it). Only for a foreman whose local workers run this
+        process's own work: whoever runs code there can reach this process's managers.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, token: str | None = None,
@@ -128,7 +132,8 @@ class Foreman(AsyncAPI):
                  dashboard: bool = True, http_port: int | None = None, trust_workers: bool | None = None,
                  certfile: str | None = None, keyfile: str | None = None, data_dir: str | None = None,
                  retention: float = 7 * 86400, client_grace: float = 300.0, address: str | None = None,
-                 cafile: str | None = None, fingerprint: str | None = None) -> None:
+                 cafile: str | None = None, fingerprint: str | None = None,
+                 local_authkey: bytes | None = None) -> None:
         self._closed = False
         self._default_options = JobOptions()
         self._streams: dict[tuple[str, int], SubmitStream] = {}  # open submit streams (event loop only)
@@ -176,7 +181,7 @@ class Foreman(AsyncAPI):
                 http_port=http_port if dashboard else None, trust_workers=trust_workers, ssl_context=tls,
                 journal=journal, client_grace=client_grace)
             pin = certificate_fingerprint(certfile) if certfile else None
-            self._local = LocalWorkers(auth.local_token(), heartbeat_interval, pin)
+            self._local = LocalWorkers(auth.local_token(), heartbeat_interval, pin, local_authkey)
         self._token = token
         # The loop thread starts once every argument has been checked: a refused one leaves nothing running.
         self._loop = asyncio.new_event_loop()
@@ -255,6 +260,11 @@ class Foreman(AsyncAPI):
             return list(self._query("fleet")["workers"])
         server = self._server
         return self._call(lambda: list(server.peers))
+
+    @property
+    def slots(self) -> int:
+        """Tasks the connected workers run at once (the sum of their concurrency), as last known here."""
+        return int(self._backend.slots)
 
     def wait_for_workers(self, n: int = 1, timeout: float = 60.0) -> None:
         """Block until at least ``n`` workers are connected; TimeoutError after ``timeout`` seconds."""
@@ -466,6 +476,15 @@ class Foreman(AsyncAPI):
 
     def __repr__(self) -> str:
         return f"<Foreman {self._backend.address}{' closed' if self._closed else ''}>"
+
+    def _repr_html_(self) -> str:
+        """The summary a notebook shows for a foreman (as Dask's ``Client`` does): address, workers, task slots,
+        and a link to the dashboard."""
+        from foreman.notebook import foreman_summary_html
+
+        if self._closed:
+            return foreman_summary_html(self.address, None, None, None, closed=True)
+        return foreman_summary_html(self.address, len(self.workers), self.slots, self.dashboard_url)
 
     # -- crossing into the event loop ------------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import pickle
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 
@@ -41,6 +43,18 @@ class SerializationError(CrowdComputeError):
     """A function, argument or result could not be pickled or unpickled."""
 
 
+class CannotPickleError(SerializationError, pickle.PicklingError):
+    """A function, argument or result could not be pickled. A ``pickle.PicklingError``, the type
+    ``ProcessPoolExecutor`` raises there. Make the object picklable (a module-level function or class, no open
+    files, locks or sockets in it), or build it inside the task."""
+
+
+class CannotUnpickleError(SerializationError, BrokenProcessPool):
+    """A task's argument would not unpickle on the worker, or its result would not unpickle here (the class is
+    missing on one side, or its ``__reduce__`` raised). A ``BrokenProcessPool``, the type ``ProcessPoolExecutor``
+    raises there; unlike its pool, the fleet goes on. Install the same code on both sides."""
+
+
 class RemoteError(CrowdComputeError):
     """A task raised an exception whose type cannot be rebuilt here; it carries the remote details."""
 
@@ -52,18 +66,31 @@ class RemoteError(CrowdComputeError):
 
 
 class RemoteTraceback(Exception):
-    """Set as ``__cause__`` of a re-raised task exception, so the remote traceback prints with it."""
+    """Set as ``__cause__`` of a re-raised task exception, so the remote traceback prints with it.
+    ``.traceback`` is its text, also as ``.tb`` (the name ``ProcessPoolExecutor``'s ``_RemoteTraceback`` uses)."""
 
     def __init__(self, traceback: str) -> None:
         super().__init__(traceback)
         self.traceback = traceback
 
+    @property
+    def tb(self) -> str:
+        return self.traceback
+
     def __str__(self) -> str:
         return f'\n"""\nRemote traceback:\n{self.traceback}"""'
 
 
-class TaskLostError(CrowdComputeError):
-    """A task was in flight on too many workers that died (a poison task). It is not retried again."""
+class TaskLostError(CrowdComputeError, BrokenProcessPool):
+    """A task was in flight on too many workers that died (a poison task: it crashes its process, or the
+    workers that ran it vanished). It is not retried again. A ``BrokenProcessPool``, the type
+    ``ProcessPoolExecutor`` raises when a call kills its process; unlike its pool, the fleet goes on."""
+
+
+class InitializerError(CrowdComputeError, BrokenProcessPool):
+    """The ``initializer`` of a :class:`~foreman.executor.ForemanExecutor` raised in a task process. That process
+    runs none of the executor's calls, and the executor takes no more work (``submit`` raises BrokenProcessPool),
+    as ``ProcessPoolExecutor`` does. The message and the remote traceback say what the initializer raised."""
 
 
 class ForemanClosedError(CrowdComputeError):

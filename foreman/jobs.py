@@ -315,14 +315,18 @@ class Job:
                         yield self._failed(index, error, worker)
                 else:
                     results, errors = loads_results(payload, count, self._trusted)
-                    if errors:
-                        for offset, value in enumerate(results):
-                            if offset in errors:
-                                value = self._failed(start + offset, rebuild_exception(errors[offset],
-                                                                                       self._trusted), worker)
-                            yield value
-                    else:
-                        yield from results
+                    # Popped as yielded, never held in a local across a yield: a result the caller drops is freed
+                    # at once (as ProcessPoolExecutor.map does), not kept alive by this frame until the next one.
+                    results.reverse()
+                    offset = 0
+                    while results:
+                        if offset in errors:
+                            results.pop()
+                            yield self._failed(start + offset, rebuild_exception(errors[offset], self._trusted),
+                                               worker)
+                        else:
+                            yield results.pop()
+                        offset += 1
                 next_index += count
         finally:
             if bar is not None:

@@ -11,6 +11,9 @@ from foreman.local_link import is_local
 
 log = logging.getLogger("crowdcompute.foreman")
 
+#: The environment variable that hands a local worker's task processes their multiprocessing authkey.
+AUTHKEY_VARIABLE = "CROWDCOMPUTE_MP_AUTHKEY"
+
 
 class LocalWorkers:
     """Starts and stops real worker processes that dial the embedded foreman.
@@ -21,8 +24,10 @@ class LocalWorkers:
     ``fingerprint`` (the foreman's certificate), they pin it: no CA or hostname needed.
     """
 
-    def __init__(self, token: str | None, heartbeat_interval: float, fingerprint: str | None = None) -> None:
+    def __init__(self, token: str | None, heartbeat_interval: float, fingerprint: str | None = None,
+                 authkey: bytes | None = None) -> None:
         self.token = token
+        self.authkey = authkey  # multiprocessing's, for their task processes (see Foreman's local_authkey)
         self.heartbeat_interval = heartbeat_interval
         self.fingerprint = fingerprint
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -32,6 +37,8 @@ class LocalWorkers:
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         if self.token is not None:
             env["CROWDCOMPUTE_TOKEN"] = self.token
+        if self.authkey is not None:
+            env[AUTHKEY_VARIABLE] = self.authkey.hex()
         for _ in range(n):
             index = len(self.processes)
             command = [sys.executable, "-m", "worker", address, "--concurrency", "1",

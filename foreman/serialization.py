@@ -22,7 +22,15 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from foreman.errors import RemoteError, RemoteTraceback, SerializationError
+from foreman.errors import (
+    CannotPickleError,
+    CannotUnpickleError,
+    CrowdComputeError,
+    InitializerError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+)
 from foreman.safe_pickle import safe_loads
 
 PICKLE_PROTOCOL = 5
@@ -62,7 +70,7 @@ def dumps_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
     try:
         data = cloudpickle.dumps(fn, protocol=PICKLE_PROTOCOL)
     except Exception as exc:
-        raise SerializationError(f"cannot pickle function {_name(fn)}: {type(exc).__name__}: {exc}") from exc
+        raise CannotPickleError(f"cannot pickle function {_name(fn)}: {type(exc).__name__}: {exc}") from exc
     entry = (hashlib.sha256(data).hexdigest(), data)
     try:
         _function_cache[fn] = entry
@@ -155,8 +163,8 @@ def dumps_items(items: Sequence[Any], first_index: int = 0, out_of_band: bool = 
             try:
                 cloudpickle.dumps(item, protocol=PICKLE_PROTOCOL)
             except Exception as exc:
-                raise SerializationError(f"cannot pickle the argument of task {first_index + offset} "
-                                         f"({type(item).__name__}): {type(exc).__name__}: {exc}") from exc
+                raise CannotPickleError(f"cannot pickle the argument of task {first_index + offset} "
+                                        f"({type(item).__name__}): {type(exc).__name__}: {exc}") from exc
         raise
 
 
@@ -195,10 +203,11 @@ def error_entry(exc: BaseException, skip_frames: int = 0) -> ErrorEntry:
 
 
 def dumps_results(results: list[Any], errors: dict[int, ErrorEntry]) -> bytes:
-    """Pickle a batch's outcomes; a result that cannot be pickled becomes that task's error."""
+    """Pickle a batch's outcomes; a result that cannot be pickled becomes that task's error (CannotPickleError,
+    or what its pickling raised if that was SystemExit or another BaseException, as ProcessPoolExecutor does)."""
     try:
         return cloudpickle.dumps((results, errors), protocol=PICKLE_PROTOCOL)
-    except Exception:
+    except BaseException:  # noqa: BLE001 - a result's __reduce__ may raise SystemExit: the child must go on
         pass
     for index, value in enumerate(results):
         if index in errors:
@@ -207,9 +216,12 @@ def dumps_results(results: list[Any], errors: dict[int, ErrorEntry]) -> bytes:
             cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
         except Exception as exc:
             results[index] = None
-            failure = SerializationError(f"the result of this task ({type(value).__name__}) cannot be pickled: "
-                                         f"{type(exc).__name__}: {exc}")
-            errors[index] = (None, "foreman.errors.SerializationError", str(failure), "")
+            failure = CannotPickleError(f"the result of this task ({type(value).__name__}) cannot be pickled: "
+                                        f"{type(exc).__name__}: {exc}")
+            errors[index] = (None, "foreman.errors.CannotPickleError", str(failure), "")
+        except BaseException as exc:  # noqa: BLE001
+            results[index] = None
+            errors[index] = error_entry(exc)
     return cloudpickle.dumps((results, errors), protocol=PICKLE_PROTOCOL)
 
 
@@ -222,10 +234,10 @@ def loads_results(payload: bytes | memoryview, count: int,
         try:
             outcome = pickle.loads(payload)
         except BaseException as exc:  # the worker's bytes run here: SystemExit from a __reduce__ is their doing
-            raise SerializationError(f"cannot unpickle a result batch: {type(exc).__name__}: {exc}") from exc
+            raise CannotUnpickleError(f"cannot unpickle a result batch: {type(exc).__name__}: {exc}") from exc
     if not (isinstance(outcome, tuple) and len(outcome) == 2 and isinstance(outcome[0], list)
             and isinstance(outcome[1], dict) and len(outcome[0]) == count):
-        raise SerializationError(f"a worker sent a result batch of the wrong shape (expected {count} results)")
+        raise CannotUnpickleError(f"a worker sent a result batch of the wrong shape (expected {count} results)")
     return outcome
 
 
@@ -245,8 +257,9 @@ def rebuild_exception(entry: ErrorEntry, trusted: bool = True) -> BaseException:
         except BaseException:  # noqa: BLE001 - a worker's bytes: whatever they raise, report the error as text
             exc = None
     if not isinstance(exc, BaseException):
-        if type_name == "foreman.errors.SerializationError":
-            exc = SerializationError(message)
+        own = _OWN_ERRORS.get(type_name)
+        if own is not None:
+            exc = own(message)
         else:
             exc = RemoteError(type_name, message, text)
     if text:
@@ -256,6 +269,12 @@ def rebuild_exception(entry: ErrorEntry, trusted: bool = True) -> BaseException:
         except AttributeError:
             pass  # exception types with __slots__
     return exc
+
+
+#: Our errors a worker may report by name alone (no pickled exception): rebuilt as themselves.
+_OWN_ERRORS: dict[str, type[CrowdComputeError]] = {
+    f"foreman.errors.{cls.__name__}": cls
+    for cls in (SerializationError, CannotPickleError, CannotUnpickleError, InitializerError)}
 
 
 def _qualname(cls: type) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
 import pickle
 import select
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from foreman.errors import CannotUnpickleError
 from foreman.protocol import CALL_ONE, CALL_STAR
 from foreman.serialization import ErrorEntry, dumps_results, error_entry, loads_items
 from worker import checkpoints, malloc, polling
@@ -77,6 +79,7 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits, poll: bool = F
 
     With ``poll``, wait for the next batch as :mod:`worker.polling` says."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, which stops us itself
+    _take_authkey()
     if limits.max_memory is None:  # under a cap, freed memory is handed back rather than kept for the next batch
         malloc.reuse_large_blocks()  # (a process forked from the worker has the worker's setting either way)
     limits.apply_memory_cap()
@@ -112,6 +115,18 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits, poll: bool = F
             results, errors = run_batch(fn, call, items, guard, start, conn, resume)
         summary = _summarise(errors, time.process_time() - cpu)
         conn.send_bytes(b"R" + _COUNT.pack(len(summary)) + summary + dumps_results(results, errors))
+
+
+def _take_authkey() -> None:
+    """A foreman's local worker may hand its task processes the caller's multiprocessing authkey (see
+    ``Foreman(local_authkey=...)``): with it, Manager proxies made by the caller connect back from tasks, as from
+    a process pool's children. Read from the environment this process inherited, then removed from it."""
+    key = os.environ.pop("CROWDCOMPUTE_MP_AUTHKEY", None)
+    if key:
+        try:
+            multiprocessing.current_process().authkey = bytes.fromhex(key)
+        except ValueError:
+            pass  # not hex: tasks keep this process's own key
 
 
 def _poller(sock: socket.socket) -> Callable[[], object]:
@@ -158,13 +173,15 @@ class _LoadFailure:
     """Stands in for a function or argument batch that would not unpickle here; every task gets its error."""
 
     def __init__(self, what: str, exc: BaseException) -> None:
-        self.entry = error_entry(RuntimeError(f"cannot unpickle {what} on this worker: {type(exc).__name__}: {exc}"))
+        failure = CannotUnpickleError(f"cannot unpickle {what} on this worker: {type(exc).__name__}: {exc}")
+        failure.__cause__ = exc
+        self.entry = error_entry(failure)
 
 
 def _load(what: str, load: Callable[..., Any], *args: Any) -> Any:
     try:
         return load(*args)
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - user bytes: a SystemExit in a __reduce__ must not end the child
         return _LoadFailure(what, exc)
 
 
