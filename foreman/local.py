@@ -30,8 +30,7 @@ class LocalWorkers:
     def start(self, address: str, n: int) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        if self.token is not None:
-            env["CROWDCOMPUTE_TOKEN"] = self.token
+        env.pop("CROWDCOMPUTE_TOKEN", None)
         for _ in range(n):
             index = len(self.processes)
             command = [sys.executable, "-m", "worker", address, "--concurrency", "1",
@@ -40,7 +39,16 @@ class LocalWorkers:
                        "--no-dashboard"]
             if self.fingerprint and not is_local(address):
                 command += ["--fingerprint", self.fingerprint]
-            self.processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
+            if self.token is None:
+                self.processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
+                continue
+            # The secret goes down a pipe the worker reads once and closes: never in its environment or on its
+            # command line, where its task processes (anyone's code) could read it (/proc/<worker>/environ).
+            process = subprocess.Popen([*command, "--token-stdin"], env=env, stdin=subprocess.PIPE)
+            assert process.stdin is not None
+            process.stdin.write(self.token.encode() + b"\n")
+            process.stdin.close()
+            self.processes.append(process)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM (the worker drains, then leaves), then SIGKILL what is still running after ``timeout``."""

@@ -39,7 +39,7 @@ class StoredJob:
         self.subscribers: list[Subscriber] = []
         self.orphaned_at: float | None = None  # when its last subscriber went away (for the orphan rule)
         self.over = False  # its end is journaled and told: a later end (cancelling an aborted job) changes nothing
-        self._next_seq = row.next_seq
+        self._next_seq = max(row.next_seq, journal.seq_floor)  # never a number handed out before a power loss
 
     def add_input(self, start: int, count: int, payload: bytes | memoryview) -> bool:
         """Journal a batch of input; False for a batch already received (a client resending after a reconnect)."""
