@@ -205,6 +205,31 @@ def test_an_untrusted_workers_result_is_decoded_off_the_event_loop(tmp_path: Pat
     assert _loaded_on and all(name != "crowdcompute-foreman" for name in _loaded_on)
 
 
+def test_replicas_from_untrusted_workers_are_compared_after_decoding_off_the_event_loop(tmp_path: Path) -> None:
+    """A validated job's replicas from strangers' workers are loaded off the loop too, then compared."""
+    register_safe_type(record_thread.__module__, "record_thread")
+    (tmp_path / "tokens.toml").write_text(WORKER_TOKENS)
+    _loaded_on.clear()
+
+    async def answer(ws: ClientConnection, msg: protocol.Message) -> bool:
+        if msg.kind is Kind.TASKS:
+            await ws.send(protocol.encode(Kind.RESULTS, {
+                "job": msg.header["job"], "start": msg.header["start"], "count": msg.header["count"],
+                "status": "ok", "elapsed": 0.01, "failed": 0}, dumps_results([_Probe()], {})))
+            return False
+        return True
+
+    with Foreman(port=0, token=ADMIN, token_file=str(tmp_path / "tokens.toml"), trust_workers=False,
+                 dashboard=False) as fm:
+        workers = [in_thread(lambda name=name: hand_worker(fm.address, answer, worker_id=name))
+                   for name in ("hand-1", "hand-2")]
+        wait_until(lambda: len(fm.workers) == 2)
+        assert fm.map(square, [1], redundancy=2, chunksize=1, timeout=60) == ["probed"]
+        for worker in workers:
+            worker.result(timeout=30)
+    assert len(_loaded_on) >= 2 and all(name != "crowdcompute-foreman" for name in _loaded_on)
+
+
 # -- 3. an untrusted worker's checkpoint never reaches another worker ------------------------------------------------
 
 
