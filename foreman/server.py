@@ -481,8 +481,8 @@ class ForemanServer:
             older = "this worker" if msg.kind is Kind.HELLO else "this client"
             if hello["protocol"] > protocol.PROTOCOL_VERSION:
                 older = "the foreman"
-            reason = (f"protocol {hello['protocol']} refused, the foreman speaks {protocol.PROTOCOL_VERSION}: "
-                      f"upgrade CrowdCompute on {older}")
+            reason = (f"protocol {hello['protocol']} refused, the foreman speaks protocol "
+                      f"{protocol.PROTOCOL_VERSION}: upgrade CrowdCompute on {older}")
             log.warning("refused %s: %s", address, reason)
             await ws.close(CloseCode.VERSION_MISMATCH, reason)
             return None

@@ -120,7 +120,8 @@ def test_a_clients_argument_that_runs_code_is_never_unpickled_by_the_foreman(tmp
 
 
 def test_a_worker_of_the_old_protocol_is_told_to_upgrade() -> None:
-    """A HELLO of protocol 3 (arguments not framed per task) is refused with 4002 and a reason for its owner."""
+    """A HELLO of protocol 3 (arguments not framed per task) is refused with 4002 and a reason for its owner
+    (under 120 characters: a close reason's limit)."""
     with Foreman(port=0, token=ADMIN, dashboard=False) as fm:
         async def old_hello() -> tuple[int, str]:
             async with connect(fm.address) as ws:
@@ -136,7 +137,7 @@ def test_a_worker_of_the_old_protocol_is_told_to_upgrade() -> None:
 
         code, reason = asyncio.run(old_hello())
     assert code == CloseCode.VERSION_MISMATCH
-    assert "protocol 3 refused" in reason and "upgrade CrowdCompute on this worker" in reason
+    assert reason == "protocol 3 refused, the foreman speaks protocol 4: upgrade CrowdCompute on this worker"
     assert code in protocol.FATAL_CLOSE_CODES  # the worker stops and says so, rather than retrying
 
 
