@@ -166,8 +166,8 @@ class ForemanServer:
         self._waiting_logged: set[int] = set()
         self.closing = False
         self.fleet = Fleet()
-        self.checkpoints = Checkpoints()
-        self._untrusted_checkpoints: set[str] = set()  # workers whose dropped checkpoints were logged  # job -> task -> latest saved state (pickled), of trusted workers only
+        self.checkpoints = Checkpoints()  # job -> task -> latest saved state (pickled), of trusted workers only
+        self._untrusted_checkpoints: set[str] = set()  # workers whose dropped checkpoints were logged
         self.trust = Trust(self)
         self.bytes_in = 0
         self._bytes_out_gone = 0  # sent to peers no longer connected
