@@ -447,3 +447,20 @@ def test_result_numbers_after_a_power_loss_are_never_ones_a_client_already_has(t
     StoredJob(row, again).deliver(1, 1, b"result 1, computed again", 0.1, "w")
     assert [output.payload for output in again.outputs(1, client_has)] == [b"result 1, computed again"]
     again.close()
+
+
+def test_input_journaled_by_an_older_foreman_fails_clearly_and_is_never_unpickled(tmp_path: Path) -> None:
+    """A journal written before arguments were framed holds one pickle per batch: the upgraded foreman resumes the
+    job without loading it (it might be a client's bomb) and fails those tasks with a reason."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    journal = Journal(tmp_path / "journal.sqlite")
+    _, function = dumps_function(square)
+    journal.add_job(1, "admin", "square", "digest", protocol.CALL_ONE, function, {}, 2, True)
+    journal.add_input(1, 0, 2, pickle.dumps([Detonator(marks, exit=False), 2], protocol=5))
+    journal.close_input(1)
+    journal.close()
+    with Foreman(port=0, token=ADMIN, local_workers=1, dashboard=False, data_dir=str(tmp_path)) as fm:
+        results = fm.job(1).results(timeout=60, return_exceptions=True)
+    assert all(isinstance(r, SerializationError) and "submit the job again" in str(r) for r in results)
+    assert len(results) == 2 and not _marks(marks)
