@@ -64,6 +64,20 @@ class Detonator:
         return (exec, (code + ("; os._exit(13)" if self.exit else ""),))
 
 
+@pytest.fixture(autouse=True)
+def _modules_stay_by_reference() -> Any:
+    """``Foreman.connect`` ships a local module's functions by value from then on (``ship_by_value``); these tests
+    put that back, so that later tests in the session still see tracebacks with source lines."""
+    import tasks as tasks_module
+
+    modules = [tasks_module, sys.modules[__name__]]
+    before = [cloudpickle.cloudpickle._is_registered_pickle_by_value(m) for m in modules]
+    yield
+    for module, was in zip(modules, before):
+        if not was and cloudpickle.cloudpickle._is_registered_pickle_by_value(module):
+            cloudpickle.unregister_pickle_by_value(module)
+
+
 def _marks(path: Path) -> set[str]:
     return {p.name for p in path.iterdir()}
 
