@@ -46,8 +46,11 @@ class LocalWorkers:
             # command line, where its task processes (anyone's code) could read it (/proc/<worker>/environ).
             process = subprocess.Popen([*command, "--token-stdin"], env=env, stdin=subprocess.PIPE)
             assert process.stdin is not None
-            process.stdin.write(self.token.encode() + b"\n")
-            process.stdin.close()
+            try:
+                process.stdin.write(self.token.encode() + b"\n")
+                process.stdin.close()
+            except BrokenPipeError:  # it died at once: its exit is reported like any local worker's
+                pass
             self.processes.append(process)
 
     def stop(self, timeout: float = 5.0) -> None:
