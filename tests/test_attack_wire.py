@@ -478,3 +478,38 @@ def test_input_journaled_by_an_older_foreman_fails_clearly_and_is_never_unpickle
         results = fm.job(1).results(timeout=60, return_exceptions=True)
     assert all(isinstance(r, SerializationError) and "submit the job again" in str(r) for r in results)
     assert len(results) == 2 and not _marks(marks)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_given_its_token_on_stdin_keeps_it_across_a_hard_restart_and_shows_it_nowhere(
+        tmp_path: Path) -> None:
+    """``--token-stdin``: the token is in neither the worker's command line nor its environment, and a hard
+    restart (the process re-executes itself) hands it over again through a fresh pipe."""
+    import subprocess
+
+    import httpx
+
+    from conftest import worker_env
+
+    (tmp_path / "tokens.toml").write_text(WORKER_TOKENS)
+    with Foreman(port=0, token=ADMIN, token_file=str(tmp_path / "tokens.toml")) as fm:
+        process = subprocess.Popen([sys.executable, "-m", "worker", fm.address, "--token-stdin", "--no-dashboard",
+                                    "--concurrency", "1", "--worker-id", "piped", "--log-level", "WARNING"],
+                                   env=worker_env(CROWDCOMPUTE_TOKEN="worker-token-1"), stdin=subprocess.PIPE)
+        try:
+            assert process.stdin is not None
+            process.stdin.write(b"worker-token-1\n")
+            process.stdin.close()
+            fm.wait_for_workers(1, timeout=60)
+            proc = Path(f"/proc/{process.pid}")
+            assert b"worker-token-1" not in (proc / "cmdline").read_bytes()
+            assert fm.workers == ["piped"], fm.workers
+            response = httpx.post(f"{fm.dashboard_url}api/workers/piped/restart", params={"hard": "true"},
+                                  headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
+            assert response.status_code < 300
+            wait_until(lambda: b"worker-token-1" not in (proc / "environ").read_bytes()
+                       and "piped" in fm.workers and fm.map(square, range(5), timeout=30) == [0, 1, 4, 9, 16],
+                       timeout=60, interval=0.5)
+            assert process.poll() is None
+        finally:
+            stop_process(process)
