@@ -133,6 +133,20 @@ def test_a_clients_argument_that_runs_code_is_never_unpickled_by_the_foreman(tmp
         service.stop()
 
 
+def test_a_framed_batch_splits_into_its_slices_without_being_unpickled(tmp_path: Path) -> None:
+    """The scheduler's split, as a pure call: each task's slice as it came, nothing loaded."""
+    from foreman.serialization import loads_items, split_payload
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    batch = dumps_framed([1, Detonator(marks, exit=False), "three"])
+    singles = split_payload(batch, 3)
+    assert not _marks(marks) and all(single.framed for single in singles)
+    assert loads_items(singles[2].data, (), True, 1) == ["three"]
+    with pytest.raises(ValueError, match="adds up"):
+        split_payload(batch._replace(data=batch.data + b"x"), 3)
+
+
 def test_a_worker_of_the_old_protocol_is_told_to_upgrade() -> None:
     """A HELLO of protocol 3 (arguments not framed per task) is refused with 4002 and a reason for its owner
     (under 120 characters: a close reason's limit)."""
