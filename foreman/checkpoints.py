@@ -48,6 +48,14 @@ class Checkpoints:
         """The job's checkpoints by task (empty when none); read only."""
         return self._by_job.get(job_id, {})
 
+    def get(self, job_id: int, default: dict[int, bytes] | None = None) -> dict[int, bytes] | None:
+        """Mapping-style :meth:`of_job` (``checkpoints.get(job)``, ``checkpoints[job]``): the job's checkpoints by
+        task, or ``default`` when it has none."""
+        return self._by_job.get(job_id, default)
+
+    def __getitem__(self, job_id: int) -> dict[int, bytes]:
+        return self._by_job[job_id]
+
     def drop(self, job_id: int, start: int, count: int) -> None:
         """Tasks ``start .. start+count-1`` are finished: their checkpoints are no longer needed."""
         saved = self._by_job.get(job_id)
