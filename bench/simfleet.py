@@ -91,7 +91,7 @@ class SimWorker:
             self.cancelled.discard(header["job"])
         elif kind is Kind.TASKS:
             parts = [bytes(part) for part in protocol.payload_parts(msg)]  # the pickle, then out-of-band buffers
-            self.queue.append((header["job"], header["start"], header["count"], parts))
+            self.queue.append((header["job"], header["start"], header["count"], parts, header.get("framed") is True))
             self.ready.set()
         elif kind is Kind.CANCEL:
             start = header.get("start")
@@ -107,12 +107,13 @@ class SimWorker:
             while not self.queue:
                 self.ready.clear()
                 await self.ready.wait()
-            job, start, count, payload = self.queue.popleft()
+            job, start, count, payload, framed = self.queue.popleft()
             self.running = (job, start, count)
             digest, call = self.jobs[job]
             loop = asyncio.get_running_loop()
             began = loop.time()
-            results, errors = await _apply(self.functions[digest], call, loads_items(payload[0], payload[1:]))
+            results, errors = await _apply(self.functions[digest], call, loads_items(payload[0], payload[1:], framed,
+                                                                                   count))
             self.running = None
             if job in self.cancelled:
                 continue

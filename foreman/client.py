@@ -102,6 +102,9 @@ class Foreman(AsyncAPI):
     :param trust_workers: unpickle results with full pickle (code from workers could run here). Default:
         True on a loopback address, False elsewhere, where results are loaded with a restricted loader that
         only rebuilds plain data (builtins, containers, numbers, strings, bytes, registered safe types).
+        Connected to a foreman (``address``), this process's own choice, default False: whatever the foreman
+        says in its WELCOME never switches a client to full unpickling (a foreman, or a man in the middle of a
+        ``ws://`` link, could otherwise run code here through a result).
     :param dashboard: serve the fleet dashboard, JSON API and metrics over HTTP (see :attr:`dashboard_url`). Needs
         the web stack (``pip install 'crowdcompute[dashboard]'``): without it the foreman runs without a dashboard
         and logs one warning saying so. A port already in use raises :class:`~foreman.errors.PortInUseError`.
@@ -114,8 +117,8 @@ class Foreman(AsyncAPI):
     :param retention: seconds a finished stored job is kept (its results, for a detached job).
     :param client_grace: seconds a remote client may be gone before its jobs (not detached ones) are cancelled.
     :param address: connect to the standalone foreman at this ``ws://``/``wss://`` address instead of running
-        one; ``token`` is then a client token of that foreman, and only ``cafile``, ``fingerprint`` and
-        ``heartbeat_interval`` apply besides.
+        one; ``token`` is then a client token of that foreman, and only ``cafile``, ``fingerprint``,
+        ``trust_workers`` and ``heartbeat_interval`` apply besides.
     :param cafile: (connected) verify a ``wss://`` foreman's certificate with this CA bundle.
     :param fingerprint: (connected) accept only the ``wss://`` foreman whose certificate has this SHA-256
         fingerprint (``python -m foreman --print-fingerprint CERT``).
@@ -155,7 +158,8 @@ class Foreman(AsyncAPI):
                                  "announces")
             pin = parse_fingerprint(fingerprint) if fingerprint else None
             context = client_context(cafile, pinned=pin is not None) if address.startswith("wss://") else None
-            self._backend = RemoteBackend(address, token, context, pin, heartbeat_interval=heartbeat_interval)
+            self._backend = RemoteBackend(address, token, context, pin, heartbeat_interval=heartbeat_interval,
+                                          trust_workers=bool(trust_workers))
         else:
             if local_workers < 0:
                 raise ValueError("local_workers must be >= 0")
@@ -324,7 +328,8 @@ class Foreman(AsyncAPI):
         self._ship(fn)
         digest, function = dumps_function(options.shipped(fn))
         limit = self._backend.max_message_size - protocol.MAX_HEADER_SIZE
-        ((_, _, payload),) = _pickle_fitting([(args, kwargs)], 0, limit, self._backend.out_of_band)
+        ((_, _, payload),) = _pickle_fitting([(args, kwargs)], 0, limit, self._backend.out_of_band,
+                                             self._backend.framed_input)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._post(self._submit_on_loop, (digest, id(options)), digest, function,
                    getattr(fn, "__qualname__", repr(fn)), options, future, payload)
@@ -380,7 +385,7 @@ class Foreman(AsyncAPI):
         size = chunksize or max(1, len(items) // (8 * max(self._backend.slots, 1)))
         limit = self._backend.max_message_size - protocol.MAX_HEADER_SIZE
         pieces = [piece for start in range(0, len(items), size)
-                  for piece in _pickle_fitting(items[start:start + size], start, limit, out_of_band=False)]
+                  for piece in _pickle_fitting(items[start:start + size], start, limit, framed=True)]
         handle = JobHandle(self, 0)
         handle.id = self._call(self._open_detached(digest, function, call, name, len(items),
                                                    job_options.placement(), json_options, pieces, handle))
@@ -401,7 +406,7 @@ class Foreman(AsyncAPI):
         server = self._backend
         job_id = server.add_stored_job("admin", name, digest, call, function, json_options, total, detached=True).id
         for start, count, payload in pieces:
-            server.add_stored_input(job_id, start, count, payload.data)  # pieces are pickled in band
+            server.add_stored_input(job_id, start, count, payload.data)  # pieces are framed per task
         server.attach_stored(job_id, LocalSubscriber(handle))  # before the end, which an empty job reaches at once
         server.close_stored_input(job_id)
         return job_id

@@ -26,6 +26,7 @@ from foreman.serialization import (
     OUT_OF_BAND_BYTES,
     Pickled,
     dumps_function,
+    dumps_framed,
     dumps_items,
     loads_results,
     rebuild_exception,
@@ -384,7 +385,8 @@ class Job:
                 per_task = self._batcher.bytes_per_task
                 out_of_band = self._foreman._backend.out_of_band and (per_task is None
                                                                        or per_task >= OUT_OF_BAND_BYTES)
-                for start, count, payload in _pickle_fitting(items, index, limit, out_of_band):
+                for start, count, payload in _pickle_fitting(items, index, limit, out_of_band,
+                                                             self._foreman._backend.framed_input):
                     self._batcher.observe_bytes(count, payload.nbytes)
                     with self._room:
                         self._outstanding += 1
@@ -517,16 +519,10 @@ class SubmitStream:
     def deliver(self, start: int, count: int, payload: bytes | memoryview, elapsed: float, worker: str) -> None:
         future = self._futures.pop(start, None)
         if future is not None:
-            trusted = self._foreman._backend.trust_workers
-            try:  # on the event loop: nothing a result's bytes raise may escape (loads_results wraps it all)
-                results, errors = loads_results(payload, 1, trusted)
-                value = rebuild_exception(errors[0], trusted) if errors else results[0]
-            except BaseException as exc:  # noqa: BLE001 - belt and braces: one future fails, the loop lives
-                error = exc if isinstance(exc, SerializationError) else SerializationError(
-                    f"cannot load the result of call {start}: {type(exc).__name__}: {exc}")
-                _settle(future, error, failed=True)
-            else:
-                _settle(future, value, failed=bool(errors))
+            if self._foreman._backend.trust_workers:
+                _settle_from(future, payload, True)
+            else:  # the restricted loader never runs on the event loop
+                _decoder().submit(_settle_from, future, bytes(payload), False)
         self._maybe_idle()
 
     def fail(self, start: int, count: int, error: BaseException) -> None:
@@ -579,10 +575,13 @@ def _notify_cancelled(future: concurrent.futures.Future[Any]) -> None:
 def _settle(future: concurrent.futures.Future[Any], value: Any, failed: bool) -> None:
     if future.done():
         return
-    if failed:
-        future.set_exception(value)
-    else:
-        future.set_result(value)
+    try:
+        if failed:
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled meanwhile by its caller's thread (results are settled off the loop too)
 
 
 def _tqdm() -> Any:
@@ -607,11 +606,37 @@ def _known_length(iterable: Iterable[Any]) -> int | None:
         return hint if hint >= 0 else None
 
 
-def _pickle_fitting(items: list[Any], start: int, limit: int,
-                    out_of_band: bool = True) -> Iterator[tuple[int, int, Pickled]]:
+_DECODER: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _decoder() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread that loads untrusted results of ``submit`` calls, off the event loop."""
+    global _DECODER
+    if _DECODER is None:
+        _DECODER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="crowdcompute-decode")
+    return _DECODER
+
+
+def _settle_from(future: concurrent.futures.Future[Any], payload: bytes | memoryview, trusted: bool) -> None:
+    """Settle one call's future with the result (or raised exception) in a one-task result batch."""
+    try:  # on the event loop when trusted: nothing a result's bytes raise may escape (loads_results wraps it all)
+        results, errors = loads_results(payload, 1, trusted)
+        value = rebuild_exception(errors[0], trusted) if errors else results[0]
+    except BaseException as exc:  # noqa: BLE001 - belt and braces: one future fails, the loop (or decoder) lives
+        error = exc if isinstance(exc, SerializationError) else SerializationError(
+            f"cannot load a call's result: {type(exc).__name__}: {exc}")
+        _settle(future, error, failed=True)
+    else:
+        _settle(future, value, failed=bool(errors))
+
+
+def _pickle_fitting(items: list[Any], start: int, limit: int, out_of_band: bool = True,
+                    framed: bool = False) -> Iterator[tuple[int, int, Pickled]]:
     """Pickle items as one batch, halving it until each piece fits in a message. ``out_of_band``: see
-    :func:`~foreman.serialization.dumps_items` (the feeder turns it off once arguments prove small)."""
-    payload = dumps_items(items, start, out_of_band)
+    :func:`~foreman.serialization.dumps_items` (the feeder turns it off once arguments prove small).
+    ``framed``: one pickle per task (:func:`~foreman.serialization.dumps_framed`), for a remote foreman or a
+    stored job."""
+    payload = dumps_framed(items, start) if framed else dumps_items(items, start, out_of_band)
     size = payload.nbytes  # the header's list of buffer sizes fits its own limit: buffers are >= 64 KiB each
     if size <= limit:
         yield start, len(items), payload
@@ -622,5 +647,5 @@ def _pickle_fitting(items: list[Any], start: int, limit: int,
                                  "max_message_size, python -m foreman --max-message-size, and its workers' "
                                  "python -m worker --max-message-size)")
     half = len(items) // 2
-    yield from _pickle_fitting(items[:half], start, limit, out_of_band)
-    yield from _pickle_fitting(items[half:], start + half, limit, out_of_band)
+    yield from _pickle_fitting(items[:half], start, limit, out_of_band, framed)
+    yield from _pickle_fitting(items[half:], start + half, limit, out_of_band, framed)

@@ -12,6 +12,12 @@ Every write commits before the foreman acts on it (forwards a result, confirms i
 is never lost by a crash. Writes are per batch, never per task: one result batch is one row. In WAL mode with
 ``synchronous=NORMAL`` a commit is a write to the log without an fsync, so it survives the process being killed
 (not the machine losing power) and costs tens of microseconds. All calls happen on the foreman's event loop thread.
+
+After a power loss the last commits may be gone, among them results already sent to a client: their tasks run
+again. Their new results must not reuse the sequence numbers the client already has (it would drop them as seen),
+so each opening of a journal file bumps an *epoch*, written with an fsync (``synchronous=FULL``) before anything
+else, and a job's results from then on are numbered from ``epoch << 32`` (:attr:`Journal.seq_floor`) or later:
+above any number handed out before, whether or not it reached the disk.
 """
 
 from __future__ import annotations
@@ -150,6 +156,17 @@ class Journal:
         self.db.executescript(SCHEMA)
         self._saved: dict[str, str] = {}  # name -> the JSON last written by save_state
         self._workers_pruned = 0.0  # when purge last pruned the workers table
+        #: Result sequence numbers of this run start here at least (see the module docstring); 0 in memory.
+        self.seq_floor = self._next_epoch() << 32 if path is not None else 0
+
+    def _next_epoch(self) -> int:
+        """Count this opening of the file, durably (fsynced) before any result is numbered."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        epoch = int(row[0]) + 1 if row is not None else 1
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(epoch),))
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        return epoch
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

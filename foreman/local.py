@@ -35,8 +35,7 @@ class LocalWorkers:
     def start(self, address: str, n: int) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        if self.token is not None:
-            env["CROWDCOMPUTE_TOKEN"] = self.token
+        env.pop("CROWDCOMPUTE_TOKEN", None)  # the secret goes down a pipe (below), never in the environment
         if self.authkey is not None:
             env[AUTHKEY_VARIABLE] = self.authkey.hex()
         for _ in range(n):
@@ -47,7 +46,19 @@ class LocalWorkers:
                        "--no-dashboard"]
             if self.fingerprint and not is_local(address):
                 command += ["--fingerprint", self.fingerprint]
-            self.processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
+            if self.token is None:
+                self.processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
+                continue
+            # The secret goes down a pipe the worker reads once and closes: never in its environment or on its
+            # command line, where its task processes (anyone's code) could read it (/proc/<worker>/environ).
+            process = subprocess.Popen([*command, "--token-stdin"], env=env, stdin=subprocess.PIPE)
+            assert process.stdin is not None
+            try:
+                process.stdin.write(self.token.encode() + b"\n")
+                process.stdin.close()
+            except BrokenPipeError:  # it died at once: its exit is reported like any local worker's
+                pass
+            self.processes.append(process)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM (the worker drains, then leaves), then SIGKILL what is still running after ``timeout``."""

@@ -23,8 +23,10 @@ from foreman.errors import ProtocolError
 #: Bumped on any incompatible change to framing, kinds, required header fields or payload layout.
 #: 2: PAUSE, RECEIVED, the client kinds (20-32), HELLO holding. 3: TASKS payloads may end with out-of-band
 #: buffers (the ``buffers`` header field). 4: WELCOME says which Python and cloudpickle the foreman's jobs need
-#: (``jobs_env``), so a worker that differs tells its owner why it gets no work.
-PROTOCOL_VERSION = 4
+#: (``jobs_env``), so a worker that differs tells its owner why it gets no work. 5: arguments framed per task:
+#: INPUT payloads always, TASKS payloads with ``framed`` (one pickle per task behind a table of their sizes), so
+#: the foreman never unpickles a client's arguments to split a batch.
+PROTOCOL_VERSION = 5
 
 #: Largest message either side accepts. Protects memory: a peer can make us buffer at most this much per
 #: connection before the message is refused. Argument and result batches are cut to fit under it.
@@ -54,7 +56,7 @@ class Kind(enum.IntEnum):
     HELLO = 1  # W: handshake, the first message on a connection
     WELCOME = 2  # F: handshake accepted
     JOB = 3  # F: a job's function (payload: cloudpickle), sent once per job and worker
-    TASKS = 4  # F: a batch of tasks (payload: pickled list of arguments, then its out-of-band buffers)
+    TASKS = 4  # F: a batch of tasks (payload: pickled list of arguments, then its out-of-band buffers; or framed)
     RESULTS = 5  # W: the outcome of a batch (payload: pickled results and errors)
     CANCEL = 6  # F: drop queued and kill running tasks of a job (or of one batch)
     JOB_DONE = 7  # F: the job is over; the worker may forget its function
@@ -67,7 +69,7 @@ class Kind(enum.IntEnum):
     CONNECT = 20  # C: handshake, the first message of a client connection (answered by WELCOME)
     SUBMIT = 21  # C: a new job (payload: its function); answered by ACCEPTED
     ACCEPTED = 22  # F: the job id of a SUBMIT, or why it was refused
-    INPUT = 23  # C: a batch of a job's tasks (payload: pickled arguments), in order
+    INPUT = 23  # C: a batch of a job's tasks (payload: arguments framed per task), in order
     INPUT_END = 24  # C: the job has no more input
     ABORT = 25  # C: cancel the job
     ATTACH = 26  # C: send me this job's results after seq ``after``, and its end; answered by ATTACHED
@@ -209,6 +211,24 @@ def payload_parts(msg: Message) -> list[memoryview]:
     return parts
 
 
+#: A framed payload (INPUT, TASKS with ``framed``) starts with one of these per task: the size of its pickle.
+FRAME_SIZE = struct.Struct(">I")
+
+
+def check_framed(kind: Kind, count: int, payload: bytes | memoryview) -> None:
+    """ProtocolError unless ``payload`` is ``count`` per-task pickles behind the table of their sizes (see
+    :func:`foreman.serialization.dumps_framed`). Reads the table only; unpickles nothing."""
+    table = FRAME_SIZE.size * count
+    size = memoryview(payload).nbytes
+    if size < table:
+        raise ProtocolError(f"{kind.name} of {count} tasks framed per task needs a {table}-byte table of sizes; "
+                            f"its payload has {size} bytes")
+    total = table + sum(struct.unpack_from(f">{count}I", payload))
+    if total != size:
+        raise ProtocolError(f"{kind.name}'s table of per-task sizes adds up to {total} bytes, its payload holds "
+                            f"{size}")
+
+
 def decode(data: bytes | bytearray | memoryview | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Message:
     """Parse and validate one message; raise ProtocolError saying what is wrong with it.
 
@@ -252,7 +272,7 @@ def decode(data: bytes | bytearray | memoryview | str, max_size: int = DEFAULT_M
     payload = view[end:]
     if payload.nbytes and kind not in PAYLOAD_KINDS:
         raise ProtocolError(f"{kind.name} message must not carry a payload ({payload.nbytes} bytes found)")
-    _check_values(kind, header, payload.nbytes)
+    _check_values(kind, header, payload)
     return Message(kind, header, payload)
 
 
@@ -273,9 +293,16 @@ def _too_deep(value: Any, limit: int) -> bool:
     return False
 
 
-def _check_values(kind: Kind, header: dict[str, Any], payload_size: int) -> None:
+def _check_values(kind: Kind, header: dict[str, Any], payload: memoryview) -> None:
+    payload_size = payload.nbytes
     if kind in (Kind.TASKS, Kind.RESULTS, Kind.INPUT, Kind.OUTPUT) and (header["start"] < 0 or header["count"] < 1):
         raise ProtocolError(f"{kind.name} has an invalid range start={header['start']} count={header['count']}")
+    if kind is Kind.INPUT or (kind is Kind.TASKS and header.get("framed") is True):
+        if kind is Kind.TASKS and "buffers" in header:
+            raise ProtocolError("a framed TASKS carries no out-of-band buffers")
+        check_framed(kind, header["count"], payload)
+    elif kind is Kind.TASKS and header.get("framed", False) is not False:
+        raise ProtocolError("TASKS field 'framed' must be a boolean")
     if kind is Kind.TASKS and "buffers" in header:
         sizes = header["buffers"]
         if not (isinstance(sizes, list) and all(type(size) is int and size >= 0 for size in sizes)):

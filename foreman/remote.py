@@ -73,8 +73,8 @@ class _RemoteJob:
 class RemoteBackend:
     """One client connection to a standalone foreman (see the module docstring). All methods run on the loop.
 
-    Argument batches go in band (``out_of_band`` is False): an INPUT payload, and the foreman's journal, hold one
-    pickle.
+    Argument batches are framed per task (``framed_input``): an INPUT payload, and the foreman's journal, hold
+    one pickle per task, so the foreman can split them without unpickling a client's arguments.
 
     :param address: ``ws://host:port`` (``wss://`` for TLS) of the foreman.
     :param token: a client token of the foreman's token file, or its admin token.
@@ -83,11 +83,13 @@ class RemoteBackend:
         is sent.
     :param heartbeat_interval: seconds between heartbeats; a foreman silent for 3 of them is reconnected to.
     :param reconnect_max_delay: cap of the exponential backoff between reconnection attempts.
+    :param trust_workers: load results with full pickle; False (the default) with the restricted loader of
+        :mod:`foreman.safe_pickle`. The client's own policy: the foreman's WELCOME does not change it.
     """
 
     def __init__(self, address: str, token: str | None, ssl_context: ssl.SSLContext | None = None,
                  fingerprint: str | None = None, heartbeat_interval: float = 5.0,
-                 reconnect_max_delay: float = 10.0) -> None:
+                 reconnect_max_delay: float = 10.0, trust_workers: bool = False) -> None:
         self.address = address
         self.token = token
         self.ssl_context = ssl_context
@@ -99,7 +101,8 @@ class RemoteBackend:
         self.slots = 0
         self.max_message_size = protocol.DEFAULT_MAX_MESSAGE_SIZE
         self.out_of_band = False
-        self.trust_workers = True
+        self.framed_input = True  # INPUT is framed per task: the foreman splits it without unpickling
+        self.trust_workers = trust_workers  # ours to choose: WELCOME's trust_workers is never taken
         self.principal = ""
         self.admin = False
         self.jobs: dict[int, _RemoteJob] = {}  # by local ref and, once known, by job id
@@ -195,7 +198,6 @@ class RemoteBackend:
             raise ProtocolError(f"expected WELCOME, got {welcome.kind.name}")
         header = welcome.header
         self.max_message_size = header["max_message_size"]
-        self.trust_workers = bool(header.get("trust_workers", False))
         self.principal, self.admin = str(header.get("principal", "")), bool(header.get("admin", False))
         self.heartbeat_interval = min(self.heartbeat_interval, float(header["heartbeat_interval"]))
         self._capacity(header)
@@ -259,8 +261,8 @@ class RemoteBackend:
         return ref
 
     def add_batch(self, job_id: int, start: int, count: int, payload: Pickled) -> None:
-        if payload.buffers:
-            raise ValueError("a remote foreman takes argument batches pickled in band (out_of_band=False)")
+        if not payload.framed:
+            raise ValueError("a remote foreman takes argument batches framed per task (framed_input)")
         job = self.jobs.get(job_id)
         if job is not None:
             job.retained.append((start, count, payload.data))

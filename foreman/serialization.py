@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import platform
+import struct
 import sys
 import sysconfig
 import traceback
@@ -71,12 +72,19 @@ def dumps_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
         data = cloudpickle.dumps(fn, protocol=PICKLE_PROTOCOL)
     except Exception as exc:
         raise CannotPickleError(f"cannot pickle function {_name(fn)}: {type(exc).__name__}: {exc}") from exc
-    entry = (hashlib.sha256(data).hexdigest(), data)
+    entry = (function_digest(data), data)
     try:
         _function_cache[fn] = entry
     except TypeError:
         pass  # not weak-referenceable (some builtins): pickled again next time
     return entry
+
+
+def function_digest(function: bytes | memoryview) -> str:
+    """The SHA-256 hex digest of a pickled function: the key workers cache functions by. The foreman computes it
+    itself from the bytes it ships (a digest a client names is never used), so no client can make its function
+    stand in for another's in a worker's cache."""
+    return hashlib.sha256(function).hexdigest()
 
 
 def ship_by_value(fn: Callable[..., Any]) -> None:
@@ -101,10 +109,14 @@ OUT_OF_BAND_BYTES = 64 * 1024
 
 
 class Pickled(NamedTuple):
-    """A pickled argument batch: the pickle, and the out-of-band buffers it refers to by index, in order."""
+    """A pickled argument batch: the pickle, and the out-of-band buffers it refers to by index, in order.
+
+    ``framed``: ``data`` is one pickle per task behind a table of their sizes (see :func:`dumps_framed`), not one
+    pickled list; such a batch has no out-of-band buffers, and is split by slicing, never by unpickling."""
 
     data: bytes
     buffers: tuple[bytes, ...] = ()
+    framed: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -168,15 +180,78 @@ def dumps_items(items: Sequence[Any], first_index: int = 0, out_of_band: bool = 
         raise
 
 
-def loads_items(data: bytes, buffers: Sequence[bytes | memoryview] = ()) -> Any:
-    """Load an argument batch pickled by :func:`dumps_items` (trusted input only: unpickling runs code)."""
+from foreman.protocol import FRAME_SIZE as _FRAME_SIZE  # noqa: E402 - beside its only use
+
+
+def dumps_framed(items: Sequence[Any], first_index: int = 0) -> Pickled:
+    """Pickle a batch of task arguments one pickle per task, behind a table of their sizes::
+
+        [size of task 0's pickle: u32 big-endian] ... [size of task n-1's pickle] [pickle 0] ... [pickle n-1]
+
+    Each task's argument is its own byte slice, so whoever holds the batch without trusting its sender (the
+    foreman, for a remote client's job) can split it, journal it and send its tasks on as opaque slices, never
+    unpickling them (:func:`split_framed`). Costs a pickler call per task (about 0.3 us for a small argument,
+    against 0.01 us inside one pickled list): used for a remote client's input and stored jobs only.
+    """
+    with io.BytesIO() as file:
+        pickler = cloudpickle.Pickler(file, protocol=PICKLE_PROTOCOL)
+        ends = []
+        try:
+            for item in items:
+                pickler.dump(item)
+                pickler.clear_memo()  # each pickle stands alone: no reference into another task's
+                ends.append(file.tell())
+        except Exception as exc:
+            index = first_index + len(ends)
+            raise SerializationError(f"cannot pickle the argument of task {index} "
+                                     f"({type(items[len(ends)]).__name__}): {type(exc).__name__}: {exc}") from exc
+        sizes = [end - begin for begin, end in zip([0, *ends], ends)]
+        return Pickled(struct.pack(f">{len(sizes)}I", *sizes) + file.getvalue(), framed=True)
+
+
+def framed_slices(data: bytes | memoryview, count: int) -> list[memoryview]:
+    """The ``count`` tasks' pickles of a framed batch, as views of ``data``; ValueError saying what is wrong when
+    its table does not describe exactly ``count`` pickles filling the rest of ``data``. Unpickles nothing."""
+    view = memoryview(data)
+    table = _FRAME_SIZE.size * count
+    if view.nbytes < table:
+        raise ValueError(f"a framed batch of {count} tasks needs a {table}-byte table of sizes, "
+                         f"it has {view.nbytes} bytes in all")
+    sizes = struct.unpack_from(f">{count}I", view)
+    if table + sum(sizes) != view.nbytes:
+        raise ValueError(f"a framed batch's table of sizes adds up to {table + sum(sizes)} bytes, "
+                         f"its payload holds {view.nbytes}")
+    slices, offset = [], table
+    for size in sizes:
+        slices.append(view[offset:offset + size])
+        offset += size
+    return slices
+
+
+def frame(slices: Sequence[bytes | memoryview]) -> Pickled:
+    """A framed batch of these tasks' pickles (slices of framed batches: see :func:`framed_slices`)."""
+    sizes = [memoryview(part).nbytes for part in slices]
+    return Pickled(b"".join([struct.pack(f">{len(sizes)}I", *sizes), *slices]), framed=True)
+
+
+def loads_items(data: bytes | memoryview, buffers: Sequence[bytes | memoryview] = (), framed: bool = False,
+                count: int | None = None) -> Any:
+    """Load an argument batch pickled by :func:`dumps_items` or, ``framed``, by :func:`dumps_framed` (then
+    ``count`` is its number of tasks). Trusted input only: unpickling runs code."""
+    if framed:
+        assert count is not None
+        return [pickle.loads(part) for part in framed_slices(data, count)]
     if not buffers:
         return pickle.loads(data)
     return _OutOfBandUnpickler(data, buffers).load()
 
 
 def split_payload(payload: Pickled, count: int) -> list[Pickled]:
-    """Re-pickle a batch of ``count`` arguments as ``count`` single-item batches."""
+    """A batch of ``count`` arguments as ``count`` single-task batches. A framed batch is cut into its slices,
+    unpickling nothing; a pickled list is unpickled and each item pickled again, which only the process that
+    pickled it may do (an in-process job of the foreman: its own user's objects)."""
+    if payload.framed:
+        return [frame([part]) for part in framed_slices(payload.data, count)]
     items = loads_items(payload.data, payload.buffers)
     if len(items) != count:
         raise ValueError(f"payload holds {len(items)} items, expected {count}")

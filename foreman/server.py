@@ -24,7 +24,7 @@ from foreman import outbound, protocol
 from foreman.admission import Admission, GuardedConnection, guarded, revoked_connections, worker_id_refusal
 from foreman.auth import Authenticator, Principal, RefusalLimiter
 from foreman.clients import ClientService
-from foreman.errors import ForemanClosedError, ProtocolError, TaskLostError
+from foreman.errors import ForemanClosedError, ProtocolError, SerializationError, TaskLostError
 from foreman.fleet import Fleet
 from foreman.jobs import placement_from_json
 from foreman.journal import RUNNING, Journal
@@ -32,8 +32,9 @@ from foreman.local_link import LocalConnection, LocalServer, handle_each
 from foreman.outbound import Outbound
 from foreman.permissions import Action, authorize, host_allowed, origin_allowed, refusal
 from foreman.protocol import CloseCode, Kind
+from foreman.checkpoints import Checkpoints
 from foreman.scheduler import Assignment, Failure, Scheduler
-from foreman.serialization import ENV_FINGERPRINT, JOBS_ENV, Pickled
+from foreman.serialization import ENV_FINGERPRINT, JOBS_ENV, Pickled, function_digest
 from foreman.stored import StoredJob, Subscriber
 from foreman.trust import Trust
 from foreman.validation import Policy
@@ -146,6 +147,7 @@ class ForemanServer:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size
         self.out_of_band = True  # argument batches may carry out-of-band buffers (stored jobs' do not)
+        self.framed_input = False  # in-process jobs' batches are one pickled list (stored jobs' are framed)
         self.http_port = http_port
         self.trust_workers = trust_workers
         self.ssl_context = ssl_context
@@ -169,7 +171,8 @@ class ForemanServer:
         self._loop_lag = 0.0  # seconds the ticker recently woke late: the loop's own delay in reading heartbeats
         self.closing = False
         self.fleet = Fleet()
-        self.checkpoints: dict[int, dict[int, bytes]] = {}  # job -> task -> latest saved state (pickled)
+        self.checkpoints = Checkpoints()  # job -> task -> latest saved state (pickled), of trusted workers only
+        self._untrusted_checkpoints: set[str] = set()  # workers whose dropped checkpoints were logged
         self.trust = Trust(self)
         self.bytes_in = 0
         self._bytes_out_gone = 0  # sent to peers no longer connected
@@ -289,6 +292,7 @@ class ForemanServer:
                 held_until: float = 0.0, validation: Policy | None = None) -> int:
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be > 0")
+        digest = function_digest(function)  # workers cache functions by it: never a client's word for it
         job = self.scheduler.add_job(ENV_FINGERPRINT, frozenset(requires), resources, priority, owner, job_id,
                                      held_until, validation.redundancy if validation else 1,
                                      validation.spot_check if validation else 0.0)
@@ -303,6 +307,7 @@ class ForemanServer:
         """A job whose results the journal keeps for its client (a remote client's, or a detached one).
         ``options``: the placement options of :class:`~foreman.jobs.JobOptions`, JSON-able."""
         placement = placement_from_json(options)
+        digest = function_digest(function)  # the client's SUBMIT names one; the foreman computes its own
         self.scheduler.skip_job_ids(self.journal.last_job_id())
         job_id = self.scheduler.next_job_id
         self.journal.add_job(job_id, owner, name, digest, call, function, options, total, detached)
@@ -313,10 +318,15 @@ class ForemanServer:
         return stored
 
     def add_stored_input(self, job_id: int, start: int, count: int, payload: bytes | memoryview) -> None:
-        """Journal a batch of a stored job's input (pickled in band), then queue it. A batch already received
-        (a client resending after a reconnect) is ignored; ValueError for one that leaves a gap."""
+        """Journal a batch of a stored job's input (framed per task, checked), then queue it. A batch already
+        received (a client resending after a reconnect) is ignored; ValueError for one that leaves a gap or is not
+        framed per task (the foreman never unpickles a client's arguments: it splits them by their frames)."""
+        try:
+            protocol.check_framed(Kind.INPUT, count, payload)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
         if self.stored[job_id].add_input(start, count, payload):
-            self.add_batch(job_id, start, count, Pickled(payload if isinstance(payload, bytes) else bytes(payload)))
+            self.add_batch(job_id, start, count, Pickled(bytes(payload), framed=True))
 
     def close_stored_input(self, job_id: int) -> None:
         stored = self.stored[job_id]
@@ -369,7 +379,14 @@ class ForemanServer:
                          job_id=row.id, held_until=held_until, **placement_from_json(row.options))
             inputs = self.journal.inputs(row.id)
             for start, count, payload in inputs:
-                self.scheduler.add_batch(row.id, start, count, Pickled(payload))
+                try:
+                    protocol.check_framed(Kind.INPUT, count, payload)
+                except ProtocolError:  # journaled by a foreman of protocol 3 or older: never unpickled here
+                    stored.fail(start, count, SerializationError(
+                        "this input was journaled by an older foreman, before arguments were framed per task; "
+                        "submit the job again"))
+                    continue
+                self.scheduler.add_batch(row.id, start, count, Pickled(payload, framed=True))
                 stored.resumed_input(start, count, len(payload))
             log.info("job %s of %s resumed from the journal: %s batches to run, %s tasks done",
                      row.id, row.owner, len(inputs), row.tasks_done, extra={"job": row.id})
@@ -480,8 +497,11 @@ class ForemanServer:
             return None
         hello = msg.header
         if hello["protocol"] != protocol.PROTOCOL_VERSION:
-            reason = (f"foreman speaks protocol {protocol.PROTOCOL_VERSION}, "
-                      f"peer speaks {hello['protocol']}: upgrade the older side")
+            older = "this worker" if msg.kind is Kind.HELLO else "this client"
+            if hello["protocol"] > protocol.PROTOCOL_VERSION:
+                older = "the foreman"
+            reason = (f"protocol {hello['protocol']} refused, the foreman speaks protocol "
+                      f"{protocol.PROTOCOL_VERSION}: upgrade CrowdCompute on {older}")
             log.warning("refused %s: %s", address, reason)
             await ws.close(CloseCode.VERSION_MISMATCH, reason)
             return None
@@ -489,6 +509,9 @@ class ForemanServer:
             await self._serve_client(ws, hello)
             return None
         principal = self.auth.identify(hello["token"])
+        if (principal is not None and principal.name == "local" and self._local_server is not None
+                and not isinstance(ws, LocalConnection)):
+            principal = None  # the local workers' secret is good on the private Unix socket only, never over TCP
         if not authorize(principal, Action.JOIN):
             reason = ("token required" if not hello["token"] else
                       "invalid token" if principal is None else refusal(principal, Action.JOIN))
@@ -619,7 +642,9 @@ class ForemanServer:
             raise ProtocolError(f"unexpected {kind.name} from a worker")
 
     def _on_checkpoint(self, peer: Peer, job_id: int, task: int, state: memoryview | bytes) -> None:
-        """Keep a task's latest checkpoint, if that worker is running that task."""
+        """Keep a task's latest checkpoint, if that worker is running that task and the foreman trusts it: the
+        next worker's task process loads it with full pickle (an untrusted worker's is dropped; the task then
+        restarts from scratch if it is lost, see docs/security.md)."""
         if len(state) > protocol.MAX_CHECKPOINT_SIZE:
             raise ProtocolError(f"a checkpoint of {len(state)} bytes is over the {protocol.MAX_CHECKPOINT_SIZE} "
                                 "byte limit")
@@ -627,7 +652,15 @@ class ForemanServer:
         if worker is None or not any(job == job_id and start <= task < start + count
                                      for job, start, count in worker.batches):
             return  # stale: the task finished, or moved to another worker
-        self.checkpoints.setdefault(job_id, {})[task] = bytes(state)
+        if not (self.trust_workers or peer.principal.trusted):
+            if peer.worker_id not in self._untrusted_checkpoints:
+                self._untrusted_checkpoints.add(peer.worker_id)
+                log.info("worker %s is not trusted: its checkpoints are not kept (its tasks restart if it is lost)",
+                         peer.worker_id, extra={"worker": peer.worker_id})
+            return
+        if not self.checkpoints.keep(peer.worker_id, job_id, task, bytes(state)):
+            log.warning("worker %s: checkpoint of task %s of job %s dropped, over the bound on checkpoints held",
+                        peer.worker_id, task, job_id, extra={"worker": peer.worker_id})
 
     def _on_results(self, peer: Peer, header: dict[str, Any], payload: memoryview | bytes) -> None:
         job_id, start, count, status = header["job"], header["start"], header["count"], header["status"]
@@ -650,12 +683,7 @@ class ForemanServer:
                 errors = header.get("errors", [])
                 self.fleet.batch_done(time.time(), peer.worker_id, job_id, start, count, elapsed, failed,
                                       errors if isinstance(errors, list) else [])
-                saved = self.checkpoints.get(job_id)
-                if saved:
-                    for task in range(start, start + count):
-                        saved.pop(task, None)
-                    if not saved:
-                        del self.checkpoints[job_id]
+                self.checkpoints.drop(job_id, start, count)
                 record.sink.deliver(start, count, payload, elapsed, peer.worker_id)
                 self._maybe_finish(job_id)
         elif status == protocol.STATUS_CRASHED:
@@ -684,7 +712,7 @@ class ForemanServer:
             return
         record = self.jobs.pop(job_id)
         self._waiting_logged.discard(job_id)
-        self.checkpoints.pop(job_id, None)
+        self.checkpoints.drop_job(job_id)
         self.trust.forget_job(job_id)
         self.fleet.job_finished(time.time(), job_id, job.cancelled)
         for worker_id in self.scheduler.forget_job(job_id):
@@ -743,14 +771,16 @@ class ForemanServer:
         batch = assignment.batch
         if assignment.ship_function:
             self._ship_function(peer, record)
-        saved = self.checkpoints.get(batch.job_id)
+        saved = self.checkpoints.of_job(batch.job_id)
         if saved:  # resume tasks from their last checkpoint
             for task in range(batch.start, batch.start + batch.count):
                 if task in saved:
                     peer.send(protocol.encode(Kind.CHECKPOINT, {"job": batch.job_id, "task": task}, saved[task]))
         header = {"job": batch.job_id, "start": batch.start, "count": batch.count}
         payload = batch.payload
-        if payload.buffers:
+        if payload.framed:
+            header["framed"] = True
+        elif payload.buffers:
             header["buffers"] = [len(buffer) for buffer in payload.buffers]
         peer.send(protocol.encode_parts(Kind.TASKS, header, payload.data, *payload.buffers))
 

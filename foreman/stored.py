@@ -41,7 +41,7 @@ class StoredJob:
         self.orphaned_at: float | None = None  # when its last subscriber went away (for the orphan rule)
         self.over = False  # its end is journaled and told: a later end (cancelling an aborted job) changes nothing
         self.failure: str | None = None  # set before cancelling it (a task failed, a quota): it ends failed
-        self._next_seq = row.next_seq
+        self._next_seq = max(row.next_seq, journal.seq_floor)  # never a number handed out before a power loss
         self.quota = quota or ClientQuota()  # its owner's: counts this job and its unanswered input
         self.quota.job_started(self.id, self.owner)
 

@@ -7,6 +7,7 @@ moves results between them, the scheduler, the job's sink and the workers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from foreman.credit import Ledger
 from foreman.errors import SerializationError
 from foreman.protocol import Kind
 from foreman.reputation import Reputation
-from foreman.scheduler import Batch
+from foreman.scheduler import Batch, State
 from foreman.serialization import dumps_results, loads_results
 from foreman.validation import Candidate, Verdict, decide
 
@@ -72,8 +73,24 @@ class Trust:
         batch = server.scheduler.answer(worker_id, record.id, header["start"], header["count"])
         if batch is None:
             return
+        if server.trust_workers or peer.principal.trusted:
+            self._decoded(peer, record, header, batch, payload, True)
+            return
+        # An untrusted worker's results are loaded with the restricted loader, and never on the event loop: a
+        # thread decodes them, and the loop takes the verdict up again if the batch still waits for it.
+        data = bytes(payload)
+        decoding = asyncio.get_running_loop().run_in_executor(None, _try_loads, data, batch.count)
+        decoding.add_done_callback(lambda done: self._decoded(peer, record, header, batch, done.result(), False))
+
+    def _decoded(self, peer: Peer, record: _JobRecord, header: dict[str, Any], batch: Batch,
+                 payload: Any, trusted: bool) -> None:
+        server, worker_id = self.server, peer.worker_id
+        if not trusted and (server.jobs.get(record.id) is not record or batch.state is not State.ASSIGNED):
+            return  # the job or batch ended while its results were decoded
         try:
-            results, errors = loads_results(payload, batch.count, server.trust_workers)
+            if isinstance(payload, BaseException):
+                raise payload
+            results, errors = loads_results(payload, batch.count, True) if trusted else payload
         except SerializationError as exc:
             log.warning("worker %s sent unusable results for job %s: %s", worker_id, record.id, exc)
             if self.reputation.error(worker_id, peer.principal.trusted):
@@ -84,6 +101,9 @@ class Trust:
                                                                     peer.principal.trusted))
         self._reports.setdefault(batch.key, {})[worker_id] = self.report(peer, header)
         self._judge(record, batch)
+        if not trusted:
+            server._maybe_finish(record.id)
+            server._pump()
 
     def _judge(self, record: _JobRecord, batch: Batch) -> None:
         """Ask for the verdict on a batch's candidates so far, and act on it."""
@@ -126,7 +146,6 @@ class Trust:
         described = [[o, "foreman.errors.ValidationError", str(e)[:300]] for o, e in verdict.failed.items()]
         server.fleet.batch_done(time.time(), winner or "?", record.id, start, batch.count, elapsed, errors,
                                 described)
-        saved = server.checkpoints.get(record.id)
         offset = 0
         while offset < batch.count:
             if offset in verdict.failed:
@@ -145,11 +164,7 @@ class Trust:
             record.sink.deliver(start + offset, end - offset, dumps_results(results, errors_of_run), elapsed,
                                 verdict.accepted[offset].worker)
             offset = end
-        if saved:
-            for task in range(start, start + batch.count):
-                saved.pop(task, None)
-            if not saved:
-                del server.checkpoints[record.id]
+        server.checkpoints.drop(record.id, start, batch.count)
 
     def forget_job(self, job_id: int) -> None:
         """Drop the candidates of a finished (or cancelled) job."""
@@ -190,3 +205,11 @@ class Trust:
             self.server.scheduler.unbar(worker_id)
             self.server._pump()
         return True
+
+
+def _try_loads(data: bytes, count: int) -> Any:
+    """An untrusted worker's result batch loaded with the restricted loader (off the loop), or the error."""
+    try:
+        return loads_results(data, count, trusted=False)
+    except SerializationError as exc:
+        return exc

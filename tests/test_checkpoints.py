@@ -24,15 +24,15 @@ def test_a_task_resumes_from_its_last_checkpoint_after_its_worker_is_killed(spaw
         first = spawn_worker(fm.address, "--concurrency", "1", "--worker-id", "first")
         fm.wait_for_workers(1)
         future = fm.submit(counts_to, (40, 0.05))
-        wait_until(lambda: fm._server.checkpoints.get(1, {}).get(0) is not None
-                   and len(fm._server.checkpoints[1]) == 1 and _saved_step(fm) >= 10, timeout=20)
+        wait_until(lambda: fm._server.checkpoints.of_job(1).get(0) is not None
+                   and len(fm._server.checkpoints.of_job(1)) == 1 and _saved_step(fm) >= 10, timeout=20)
         saved = _saved_step(fm)
         os.kill(first.pid, signal.SIGKILL)
         second = spawn_worker(fm.address, "--concurrency", "1", "--worker-id", "second")
         steps, resumed_from, pid = future.result(timeout=30)
         assert steps == 40 and pid == second.pid
         assert resumed_from >= saved  # not from scratch
-        assert fm._server.checkpoints == {}  # dropped once the result arrived
+        assert fm._server.checkpoints.held == 0 and not fm._server.checkpoints.of_job(1)  # dropped with the result
 
 
 def test_a_checkpoint_over_the_limit_fails_that_task_clearly(spawn_worker) -> None:
@@ -44,4 +44,4 @@ def test_a_checkpoint_over_the_limit_fails_that_task_clearly(spawn_worker) -> No
 def _saved_step(fm: Foreman) -> int:
     import pickle
 
-    return pickle.loads(fm._server.checkpoints[1][0])
+    return pickle.loads(fm._server.checkpoints.of_job(1)[0])

@@ -140,8 +140,9 @@ def connect(service: Service, token: str = "alice-token-1", **options) -> Forema
 
 
 def test_remote_client_has_the_embedded_api(service: Service) -> None:
-    """map, imap_unordered, submit, options, the executor and remote exceptions work as embedded."""
-    with connect(service) as fm:
+    """map, imap_unordered, submit, options, the executor and remote exceptions work as embedded (a client that
+    trusts the fleet's results, as this one says it does, gets the tasks' own exception types)."""
+    with connect(service, trust_workers=True) as fm:
         assert fm.map(square, range(200)) == [x * x for x in range(200)]
         assert sorted(fm.imap_unordered(square, range(100))) == sorted(x * x for x in range(100))
         assert fm.submit(square, 12).result(timeout=30) == 144
@@ -319,7 +320,7 @@ def test_a_client_cut_off_silently_reconnects_and_loses_nothing(service: Service
 @pytest.mark.asyncio
 async def test_asyncio_api(service: Service) -> None:
     """amap, aimap (ordered and not) and asubmit from inside a running event loop."""
-    async with Foreman.connect(service.address, token="alice-token-1") as fm:
+    async with Foreman.connect(service.address, token="alice-token-1", trust_workers=True) as fm:
         assert await fm.amap(square, range(50)) == [x * x for x in range(50)]
         assert [r async for r in fm.aimap(square, range(50))] == [x * x for x in range(50)]
         assert sorted([r async for r in fm.aimap(square, range(50), ordered=False)]) == [x * x for x in range(50)]

@@ -103,6 +103,10 @@ def build_parser(prog: str = "python -m worker") -> argparse.ArgumentParser:
                              "the token (--token wins)")
     parser.add_argument("--token", default=_env("TOKEN"), help="shared secret the foreman expects "
                         "(env CROWDCOMPUTE_TOKEN; prefer the variable: command lines are visible to other users)")
+    parser.add_argument("--token-stdin", action="store_true",
+                        help="read the token from the first line of standard input, then close it: a secret no "
+                             "task process can read from this worker's environment or command line (how a "
+                             "foreman hands its local workers theirs)")
     parser.add_argument("--concurrency", type=int, default=_env("CONCURRENCY", str(cpu_count())),
                         help="tasks run at once, each in its own process (env CROWDCOMPUTE_CONCURRENCY; "
                              "default: CPU count)")
@@ -162,6 +166,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
     if refusal is not None:
         print(f"worker: {refusal}", file=sys.stderr)
         return 2
+    if args.token_stdin:
+        args.token = sys.stdin.readline().strip() or None
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)  # the pipe is closed: nothing left to read through /proc/<worker>/fd/0
+        os.close(devnull)
+    os.environ.pop("CROWDCOMPUTE_TOKEN", None)  # task processes inherit the environment: not the credential
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = WorkerConfig(

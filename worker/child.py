@@ -92,7 +92,8 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits, poll: bool = F
         try:
             if wait is not None:
                 wait()
-            digest, fn_bytes, call, start, count, task_timeout, resume, parts = pickle.loads(_receive(requests))
+            digest, fn_bytes, call, start, count, task_timeout, resume, parts, framed = pickle.loads(
+                _receive(requests))
             payload = [_receive(requests) for _ in range(parts)]
         except (EOFError, OSError):
             return
@@ -105,7 +106,7 @@ def child_main(conn: Connection, parent_pid: int, limits: Limits, poll: bool = F
             conn.send_bytes(b"N")
             continue
         functions.move_to_end(digest)
-        items = _load("the batch's arguments", loads_items, payload[0], payload[1:])
+        items = _load("the batch's arguments", loads_items, payload[0], payload[1:], framed, count)
         failure = next((x for x in (fn, items) if isinstance(x, _LoadFailure)), None)
         cpu = time.process_time()
         if failure is not None:

@@ -61,6 +61,7 @@ class WorkItem:
     task_timeout: float | None = None  # the job's own limit per task (the worker's cap still applies)
     foreman: str = ""  # the session id of the foreman that sent it
     resume: dict[int, bytes] | None = None  # checkpoints to resume tasks from, by task index
+    framed: bool = False  # ``payload`` is one pickle per task behind a table of sizes (TASKS ``framed``)
 
 
 @dataclass
@@ -301,7 +302,7 @@ class _Slot:
         assert self.channel is not None
         fn = None if child_has_function else item.function
         request = pickle.dumps((item.digest, fn, item.call, item.start, item.count, item.task_timeout,
-                                item.resume, len(item.payload)), protocol=5)
+                                item.resume, len(item.payload), item.framed), protocol=5)
         self.channel.send(request, *item.payload)
         self.known.add(item.digest)
 

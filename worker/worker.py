@@ -147,7 +147,7 @@ class Worker:
             self.executor.close()
             log.info("%s", self.session.stop_report(running))
         if self._reexec:
-            reexec(self.config.worker_id)
+            reexec(self.config.worker_id, self.config.token)
 
     def may_poll(self) -> bool:
         """For :class:`worker.polling.PollingSelector`: only around short batches (:meth:`Executor.may_reply_soon`);
@@ -435,7 +435,7 @@ class Worker:
                       if (header["job"], i) in self._resume} if self._resume else None
             item = WorkItem(header["job"], start, count, digest, function, call, protocol.payload_parts(msg),
                             self._session, task_timeout=task_timeout, foreman=self._foreman_session or "",
-                            resume=resume)
+                            resume=resume, framed=header.get("framed") is True)
             if self.paused_reason is not None:  # sent before the foreman heard we paused
                 self._send_outcome(Outcome(item, protocol.STATUS_RETURNED))
             else:
@@ -535,10 +535,20 @@ class Worker:
                 return
 
 
-def reexec(worker_id: str) -> NoReturn:
-    """Replace this process with a fresh run of its own command line, under the same worker id."""
+def reexec(worker_id: str, token: str | None = None) -> NoReturn:
+    """Replace this process with a fresh run of its own command line, under the same worker id. The token goes
+    back where the command line expects it: down a fresh pipe on standard input (``--token-stdin``), else in the
+    environment the worker took it from (which ``python -m worker`` empties again at once)."""
     os.environ["CROWDCOMPUTE_WORKER_ID"] = worker_id  # read by default_worker_id() and the CLI
     argv = [sys.executable, *sys.orig_argv[1:]]
+    if token is not None and "--token-stdin" in argv:
+        read, write = os.pipe()
+        os.write(write, token.encode() + b"\n")
+        os.close(write)
+        os.dup2(read, 0)
+        os.close(read)
+    elif token is not None and "--token" not in argv:
+        os.environ["CROWDCOMPUTE_TOKEN"] = token
     log.info("re-executing %s as worker %s", " ".join(argv), worker_id)
     for handler in logging.getLogger().handlers:
         handler.flush()
