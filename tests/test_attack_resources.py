@@ -23,7 +23,7 @@ from foreman.auth import ADMIN, CLIENT, WORKER, Principal
 from foreman.journal import Journal
 from foreman.protocol import CloseCode, Kind
 from foreman.quota import ClientQuota
-from foreman.serialization import dumps_function
+from foreman.serialization import dumps_framed, dumps_function
 
 TOKENS = """
 [workers]
@@ -319,7 +319,7 @@ def test_a_client_over_its_job_and_input_quotas_gets_a_clear_refusal(token_file,
                 job = accepted[0]["job"]
                 for start in range(3):  # 3 x 400 KiB of input; the quota is 1 MiB
                     await ws.send(protocol.encode(Kind.INPUT, {"job": job, "start": start, "count": 1},
-                                                  b"\x80" * (400 << 10)))
+                                                  dumps_framed([b"x" * (400 << 10)], start).data))
                 ended = (await _expect(ws, Kind.JOB_END)).header
             async with connect(fm.address) as other:
                 await other.send(_connect_msg("client-dave-0004", "dave"))
