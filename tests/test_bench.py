@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, worker_env
+
+pytestmark = pytest.mark.slow  # runs the benchmark's quick smoke run
 
 
 def test_quick_benchmark_prints_a_table_and_writes_json_lines(tmp_path) -> None:

@@ -12,6 +12,8 @@ from conftest import worker_env
 from foreman import Foreman
 from tasks import cheat_square, slow_whoami
 
+pytestmark = pytest.mark.slow  # a real headless browser
+
 playwright = pytest.importorskip("playwright.sync_api")
 
 

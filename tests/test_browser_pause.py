@@ -7,6 +7,8 @@ import pytest
 from foreman import Foreman
 from owner import Owner, running_worker
 
+pytestmark = pytest.mark.slow  # a real headless browser
+
 playwright = pytest.importorskip("playwright.sync_api")
 expect = playwright.expect
 

@@ -13,6 +13,8 @@ from foreman.addresses import split_token
 from tasks import sleep_then
 from test_worker_dashboard import FAST, dashboard_worker
 
+pytestmark = pytest.mark.slow  # a real headless browser
+
 playwright = pytest.importorskip("playwright.sync_api")
 expect = playwright.expect
 

@@ -11,10 +11,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from conftest import ROOT, worker_env
 
 from bench.simfleet import SimFleet, slow_square, square
 from foreman import Foreman
+
+pytestmark = pytest.mark.slow  # fleets of simulated workers
 
 STAYING, VANISHING = 150, 50
 

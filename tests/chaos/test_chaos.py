@@ -49,6 +49,8 @@ from foreman import Foreman
 from foreman.jobs import Job
 from foreman.scheduler import Scheduler
 
+pytestmark = pytest.mark.slow  # chaos runs with kills, freezes and cut links
+
 BASE_WORKERS = 4
 MAX_WORKERS = 6
 HEARTBEAT_INTERVAL = 0.2

@@ -13,10 +13,14 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from chaos.harness import WorkerFleet
 from chaos.proxy import LoopbackProxy
 from foreman import Foreman
 from tasks import slow_whoami, square
+
+pytestmark = pytest.mark.slow  # chaos: silently cut links
 
 HEARTBEAT_TIMEOUT = 1.5
 
