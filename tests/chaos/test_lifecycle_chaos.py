@@ -27,6 +27,7 @@ import pytest
 from chaos.harness import ROOT, WorkerFleet, worker_env
 from chaos.workload import expected, task
 from foreman import Foreman
+from foreman.addresses import with_token
 from foreman.errors import TaskLostError
 from service_tasks import executions, logged_square
 from tasks import kill_my_worker
@@ -37,8 +38,14 @@ from tasks import kill_my_worker
 class ServiceForeman:
     """``python -m foreman --data-dir`` on one loopback port across restarts; its output lines, time-stamped."""
 
+    #: Tokens of its own: a foreman given none makes up new ones at each start, which its workers would not have.
+    WORKER_TOKEN, CLIENT_TOKEN = "chaos-worker-token-1", "chaos-client-token-1"
+
     def __init__(self, data: Path) -> None:
         self.data = data
+        data.mkdir(parents=True, exist_ok=True)
+        self.tokens = data / "tokens.toml"
+        self.tokens.write_text(f'[workers]\nfleet = "{self.WORKER_TOKEN}"\n\n[clients]\ntester = "{self.CLIENT_TOKEN}"\n')
         self.port = 0
         self.process: subprocess.Popen[str] | None = None
         self.stamps: list[tuple[float, str]] = []
@@ -46,12 +53,13 @@ class ServiceForeman:
 
     @property
     def address(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        """The address workers dial, carrying their token (a client passes its own)."""
+        return with_token(f"ws://127.0.0.1:{self.port}", self.WORKER_TOKEN)
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "foreman", "--port", str(self.port), "--no-dashboard", "--data-dir",
-             str(self.data), "--speculation", "0", "--heartbeat-interval", "0.5", "--heartbeat-timeout", "10"],
+             str(self.data), "--token-file", str(self.tokens), "--speculation", "0", "--heartbeat-interval", "0.5", "--heartbeat-timeout", "10"],
             env=worker_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert self.process.stdout is not None
         for line in self.process.stdout:
@@ -99,7 +107,7 @@ def test_foreman_restarts_repeat_no_execution(tmp_path: Path) -> None:
     back: list[tuple[str, float]] = []
     try:
         ids = [fleet.start().worker_id for _ in range(workers)]
-        with Foreman.connect(service.address) as fm:
+        with Foreman.connect(service.address, token=service.CLIENT_TOKEN) as fm:
             deadline = time.monotonic() + 60
             while len(fm.workers) < workers and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -119,7 +127,7 @@ def test_foreman_restarts_repeat_no_execution(tmp_path: Path) -> None:
             joined = service.joined_since_ready()
             assert set(joined) >= set(ids), f"after {sig.name} not all workers came back: {joined}"
             back.append((sig.name, max(joined[w] for w in ids)))
-        with Foreman.connect(service.address) as fm:
+        with Foreman.connect(service.address, token=service.CLIENT_TOKEN) as fm:
             results = fm.job(job_id).results(timeout=120)
         ran = executions(log)
         repeated = sorted(x for x, c in collections.Counter(ran).items() if c > 1)
