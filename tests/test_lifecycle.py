@@ -118,7 +118,8 @@ async def test_an_exception_in_the_tick_does_not_stop_heartbeat_expiry(tmp_path:
     server = ForemanServer(port=0, heartbeat_interval=0.2, heartbeat_timeout=1.5, auth=auth,
                            journal=LockedJournal(tmp_path / "journal.sqlite"))
     await server.start()
-    worker = start_worker(with_token(server.address, auth.worker_token), "--concurrency", "1", "--no-dashboard", "--worker-id", "frozen")
+    worker = start_worker(with_token(server.address, auth.worker_token), "--concurrency", "1", "--no-dashboard",
+                          "--worker-id", "frozen")
     try:
         deadline = time.monotonic() + 30
         while "frozen" not in server.peers and time.monotonic() < deadline:

@@ -45,7 +45,8 @@ class ServiceForeman:
         self.data = data
         data.mkdir(parents=True, exist_ok=True)
         self.tokens = data / "tokens.toml"
-        self.tokens.write_text(f'[workers]\nfleet = "{self.WORKER_TOKEN}"\n\n[clients]\ntester = "{self.CLIENT_TOKEN}"\n')
+        self.tokens.write_text(f'[workers]\nfleet = "{self.WORKER_TOKEN}"\n\n'
+                               f'[clients]\ntester = "{self.CLIENT_TOKEN}"\n')
         self.port = 0
         self.process: subprocess.Popen[str] | None = None
         self.stamps: list[tuple[float, str]] = []
@@ -59,7 +60,8 @@ class ServiceForeman:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "foreman", "--port", str(self.port), "--no-dashboard", "--data-dir",
-             str(self.data), "--token-file", str(self.tokens), "--speculation", "0", "--heartbeat-interval", "0.5", "--heartbeat-timeout", "10"],
+             str(self.data), "--token-file", str(self.tokens), "--speculation", "0", "--heartbeat-interval", "0.5",
+             "--heartbeat-timeout", "10"],
             env=worker_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert self.process.stdout is not None
         for line in self.process.stdout:
