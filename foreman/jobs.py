@@ -319,8 +319,10 @@ class Job:
                     # Popped as yielded, never held in a local across a yield: a result the caller drops is freed
                     # at once (as ProcessPoolExecutor.map does), not kept alive by this frame until the next one.
                     results.reverse()
+                    if not errors:  # the common case, popped in C: a Python loop per result cost trivial maps ~10 %
+                        yield from map(list.pop, itertools.repeat(results, len(results)))
                     offset = 0
-                    while results:
+                    while results:  # a batch with failed tasks
                         if offset in errors:
                             results.pop()
                             yield self._failed(start + offset, rebuild_exception(errors[offset], self._trusted),
