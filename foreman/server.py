@@ -241,7 +241,7 @@ class ForemanServer:
         if self.http is None:
             return connection.respond(HTTPStatus.UPGRADE_REQUIRED,
                                       "CrowdCompute foreman: workers connect here over WebSocket.\n")
-        host = request.headers.get("Host", self.host).rsplit(":", 1)[0]
+        host = (host or self.host).rsplit(":", 1)[0]
         path = request.path.split("?", 1)[0]  # a token in the address stays out of the dashboard's
         location = f"{'https' if self.ssl_context else 'http'}://{host}:{self.http.port}{path}"
         response = connection.respond(HTTPStatus.FOUND, f"The dashboard is at {location}\n")
@@ -641,6 +641,11 @@ class ForemanServer:
         else:
             raise ProtocolError(f"unexpected {kind.name} from a worker")
 
+    def trusts(self, peer: Peer) -> bool:
+        """Whether this worker's bytes (results, checkpoints) may reach a full unpickler: the operator trusts every
+        worker (``trust_workers``), or its token is a trusted one (local workers, the admin, ``[trusted_workers]``)."""
+        return self.trust_workers or peer.principal.trusted
+
     def _on_checkpoint(self, peer: Peer, job_id: int, task: int, state: memoryview | bytes) -> None:
         """Keep a task's latest checkpoint, if that worker is running that task and the foreman trusts it: the
         next worker's task process loads it with full pickle (an untrusted worker's is dropped; the task then
@@ -652,7 +657,7 @@ class ForemanServer:
         if worker is None or not any(job == job_id and start <= task < start + count
                                      for job, start, count in worker.batches):
             return  # stale: the task finished, or moved to another worker
-        if not (self.trust_workers or peer.principal.trusted):
+        if not self.trusts(peer):
             if peer.worker_id not in self._untrusted_checkpoints:
                 self._untrusted_checkpoints.add(peer.worker_id)
                 log.info("worker %s is not trusted: its checkpoints are not kept (its tasks restart if it is lost)",

@@ -73,7 +73,7 @@ class Trust:
         batch = server.scheduler.answer(worker_id, record.id, header["start"], header["count"])
         if batch is None:
             return
-        if server.trust_workers or peer.principal.trusted:
+        if server.trusts(peer):
             self._decoded(peer, record, header, batch, payload, True)
             return
         # An untrusted worker's results are loaded with the restricted loader, and never on the event loop: a
